@@ -1,0 +1,67 @@
+"""Shared fixtures: a private cache folder and a small reconstructor built once per test session.
+
+The ``test`` preset (a 2-layer, 64-wide GPT-2 with a 512-token BPE vocabulary, 60 pretraining steps on
+the embedded corpus) is built by the same code path as the ``tiny`` default, in seconds. It is also
+copied to where the ``tiny`` default is cached, so code that asks for the default reconstructor (for
+example ``gymnasium.make("TokenMask-v0")`` with no arguments) finds a cached one instead of spending
+minutes building the real default; building itself is covered by ``test_reconstructor.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from tokencompress_env.data import CorpusSpec, prepare_corpus, window_array  # noqa: E402
+from tokencompress_env.reconstructor import Reconstructor, default_reconstructor_dir  # noqa: E402
+
+#: Window length used with the test reconstructor.
+TEST_SEQ_LEN = 64
+
+
+@pytest.fixture(scope="session", autouse=True)
+def tc_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Point the tokencompress cache at a fresh folder for the whole session."""
+    home = tmp_path_factory.mktemp("tokencompress_home")
+    os.environ["TOKENCOMPRESS_HOME"] = str(home)
+    return home
+
+
+@pytest.fixture(scope="session")
+def test_reconstructor_dir(tc_home: Path) -> Path:
+    """Build the ``test`` preset once; also cache it as the ``tiny`` default (see module docstring)."""
+    from tokencompress_env.pretrain import default_reconstructor
+
+    default_reconstructor("test", device="cpu", progress=False)
+    path = default_reconstructor_dir("test")
+    tiny = default_reconstructor_dir("tiny")
+    if not tiny.exists():
+        shutil.copytree(path, tiny)
+    return path
+
+
+@pytest.fixture(scope="session")
+def test_reconstructor(test_reconstructor_dir: Path) -> Reconstructor:
+    """The session's small pretrained reconstructor (shared: tests must not train it in place)."""
+    return Reconstructor.from_pretrained(test_reconstructor_dir, device="cpu")
+
+
+@pytest.fixture()
+def fresh_reconstructor(test_reconstructor_dir: Path) -> Reconstructor:
+    """A private copy of the test reconstructor that a test may train or modify."""
+    return Reconstructor.from_pretrained(test_reconstructor_dir, device="cpu")
+
+
+@pytest.fixture(scope="session")
+def test_windows(test_reconstructor: Reconstructor) -> dict[str, np.ndarray]:
+    """Windows of the embedded corpus in the test tokenizer, per split (``[N, TEST_SEQ_LEN]``)."""
+    windows = prepare_corpus(CorpusSpec(seq_len=TEST_SEQ_LEN), test_reconstructor.tokenizer)
+    return {split: window_array(ds) for split, ds in windows.items()}
