@@ -197,7 +197,9 @@ def load_documents(source: str = EMBEDDED, dataset_config: str | None = None, do
     elif source.startswith("hf:"):
         name, _, config = source[3:].partition(":")
         docs = hub_documents(name, config or dataset_config, doc_chars=doc_chars)
-    elif Path(source).expanduser().exists() and not (Path(source) / "dataset_dict.json").exists():
+    elif (Path(source).expanduser() / "dataset_dict.json").exists():
+        docs = hub_documents(str(Path(source).expanduser()), dataset_config, doc_chars=doc_chars)
+    elif Path(source).expanduser().exists():
         docs = local_documents(source, doc_chars=doc_chars)
     elif "/" in source or os.sep in source or source.endswith(".txt"):
         raise DataSourceError(f"data path '{source}' does not exist: pass an existing .txt file or folder")

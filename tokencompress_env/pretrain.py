@@ -134,7 +134,7 @@ def _lr_at(step: int, config: PretrainConfig) -> float:
     if step < config.warmup_steps:
         return config.lr * (step + 1) / config.warmup_steps
     progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
-    return config.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress))))
+    return float(config.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))))
 
 
 def save_checkpoint(reconstructor: Reconstructor, optimizer: torch.optim.Optimizer, step: int, path: Path, extra: dict[str, Any] | None = None) -> None:

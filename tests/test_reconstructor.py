@@ -1,0 +1,205 @@
+"""Tokenizer, reconstructor loading/saving, and the one scoring function."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from tokencompress_env.errors import ReconstructorLoadError
+from tokencompress_env.pretrain import PretrainConfig, bits_per_masked_token, fixed_rate_masks, pretrain, random_masks
+from tokencompress_env.reconstructor import Reconstructor, resolve_device
+from tokencompress_env.tokenizer import MASK_TOKEN, train_bpe_tokenizer
+
+
+def _masks(shape, rate, seed=0):
+    return fixed_rate_masks(shape, rate, seed)
+
+
+def test_tokenizer_round_trip(test_reconstructor):
+    tok = test_reconstructor.tokenizer
+    for text in ["Return the sum of x and y.", "  indented\n\ttabs and ünïcödé — 漢字 😀", "a" * 300]:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert tok.decode(ids) == text
+    assert tok.mask_token == MASK_TOKEN
+    assert tok.convert_tokens_to_ids(MASK_TOKEN) == test_reconstructor.mask_token_id
+    assert test_reconstructor.mask_token_id < test_reconstructor.vocab_size
+
+
+def test_train_bpe_tokenizer_has_requested_size():
+    tok = train_bpe_tokenizer(["hello world, hello tokens. " * 50, "another text about words " * 50], vocab_size=300)
+    assert len(tok) <= 300
+    assert tok.mask_token_id is not None and tok.eos_token_id is not None
+
+
+def test_save_load_round_trip(test_reconstructor, test_windows, tmp_path):
+    test_reconstructor.save_pretrained(tmp_path / "copy", build_info={"note": "round trip"})
+    assert (tmp_path / "copy" / "model.safetensors").exists()
+    assert not list((tmp_path / "copy").glob("*.bin"))
+    loaded = Reconstructor.from_pretrained(tmp_path / "copy", device="cpu")
+    x = test_windows["validation"][:4]
+    m = _masks(x.shape, 0.4)
+    a, b = test_reconstructor.score(x, m), loaded.score(x, m)
+    assert torch.allclose(a.surprisal, b.surprisal)
+    assert json.loads((tmp_path / "copy" / "tokencompress.json").read_text())["note"] == "round trip"
+
+
+def test_batched_equals_one_by_one(test_reconstructor, test_windows):
+    x = test_windows["validation"][:6]
+    m = _masks(x.shape, 0.5, seed=1)
+    batched = test_reconstructor.score(x, m)
+    for i in range(len(x)):
+        single = test_reconstructor.score(x[i : i + 1], m[i : i + 1])
+        assert torch.allclose(batched.surprisal[i], single.surprisal[0], atol=1e-4)
+        assert torch.equal(batched.correct[i], single.correct[0])
+
+
+@pytest.mark.parametrize("chunk", [1, 8, 16, 64])
+def test_cached_prefix_equals_full_window(test_reconstructor, test_windows, chunk):
+    x = test_windows["validation"][:3]
+    m = _masks(x.shape, 0.4, seed=2)
+    full = test_reconstructor.score(x, m)
+    state = test_reconstructor.begin_scoring(len(x))
+    parts = [test_reconstructor.score_chunk(state, x[:, s : s + chunk], m[:, s : s + chunk]) for s in range(0, x.shape[1], chunk)]
+    assert state.position == x.shape[1]
+    assert torch.allclose(torch.cat([p.surprisal for p in parts], dim=1), full.surprisal, atol=1e-3)
+    assert torch.equal(torch.cat([p.prediction for p in parts], dim=1), full.prediction)
+
+
+def test_unmasked_positions_cost_nothing(test_reconstructor, test_windows):
+    x = test_windows["validation"][:4]
+    m = _masks(x.shape, 0.3, seed=3)
+    result = test_reconstructor.score(x, m)
+    bits = result.masked_bits.numpy()
+    assert np.all(bits[~m] == 0)
+    assert np.all(bits[m] > 0)
+    nothing = test_reconstructor.score(x, np.zeros_like(m))
+    assert float(nothing.masked_bits.sum()) == 0.0
+
+
+def test_surprisal_depends_only_on_the_prefix(test_reconstructor, test_windows):
+    x = test_windows["validation"][:2]
+    m = np.zeros(x.shape, dtype=bool)
+    m[:, 40] = True
+    with_mask = test_reconstructor.score(x, m).surprisal
+    without = test_reconstructor.surprisal(x)
+    assert torch.allclose(with_mask[:, :41], without[:, :41], atol=1e-4)  # position 40 sees only x_<40
+    assert not torch.allclose(with_mask[:, 41:], without[:, 41:], atol=1e-4)
+
+
+def test_padding_is_free_and_invisible(test_reconstructor, test_windows):
+    x = test_windows["validation"][:2].copy()
+    valid = np.ones(x.shape, dtype=bool)
+    valid[:, 50:] = False
+    m = np.ones(x.shape, dtype=bool)
+    padded = test_reconstructor.score(x, m, valid)
+    assert float(padded.masked_bits[:, 50:].sum()) == 0.0
+    assert not padded.mask[:, 50:].any()
+    x2 = x.copy()
+    x2[:, 50:] = 7
+    other = test_reconstructor.score(x2, m, valid)
+    assert torch.allclose(padded.surprisal[:, :50], other.surprisal[:, :50], atol=1e-5)
+
+
+def test_fill_keeps_kept_tokens_and_guesses_dropped(test_reconstructor, test_windows):
+    x = test_windows["validation"][:2]
+    m = _masks(x.shape, 0.3, seed=4)
+    filled = test_reconstructor.fill(x, m).numpy()
+    assert np.array_equal(filled[~m], x[~m])
+    assert filled[m].max() < test_reconstructor.vocab_size and (filled[m] != test_reconstructor.mask_token_id).all()
+    texts = test_reconstructor.fill_text(x, m)
+    assert len(texts) == 2 and all(isinstance(t, str) and t for t in texts)
+
+
+def test_pretrained_beats_untrained(test_reconstructor, test_windows):
+    untrained = Reconstructor.new(test_reconstructor.tokenizer, "test", device="cpu", seed=1)
+    x = test_windows["validation"][:32]
+    for rate in (0.2, 0.6):
+        trained_bits = bits_per_masked_token(test_reconstructor, x, rate)
+        untrained_bits = bits_per_masked_token(untrained, x, rate)
+        assert trained_bits < untrained_bits - 1.0
+
+
+def test_pretraining_resumes_from_checkpoint(fresh_reconstructor, test_windows, tmp_path):
+    config = PretrainConfig(steps=3, batch_size=4, warmup_steps=1, eval_every=0, eval_windows=4, checkpoint_every=1)
+    first = pretrain(fresh_reconstructor, test_windows["train"], test_windows["validation"], config, tmp_path / "ckpt", progress=False)
+    assert first["resumed_from_step"] == 0
+    assert (tmp_path / "ckpt" / "optimizer.pt").exists()
+    config.steps = 5
+    second = pretrain(fresh_reconstructor, test_windows["train"], test_windows["validation"], config, tmp_path / "ckpt", progress=False)
+    assert second["resumed_from_step"] == 3
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 5
+
+
+def test_pretraining_writes_tensorboard(fresh_reconstructor, test_windows, tmp_path):
+    config = PretrainConfig(steps=2, batch_size=2, warmup_steps=1, eval_every=0, eval_windows=4, checkpoint_every=0)
+    pretrain(fresh_reconstructor, test_windows["train"], test_windows["validation"], config, tensorboard_dir=tmp_path / "tb", progress=False)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert "pretrain/loss_nats" in tags
+    assert "pretrain/val_bits_per_masked_token@0.4" in tags
+
+
+def test_random_masks_cover_the_rate_range():
+    gen = torch.Generator().manual_seed(0)
+    masks = random_masks((2000, 64), gen, 0.0, 0.8)
+    rates = masks.float().mean(dim=1)
+    assert 0.35 < float(rates.mean()) < 0.45
+    assert float(rates.min()) < 0.05 and float(rates.max()) > 0.75
+
+
+def test_local_gpt2_directory_without_mask_token_gets_one(test_reconstructor, tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    plain = PreTrainedTokenizerFast(tokenizer_object=test_reconstructor.tokenizer.backend_tokenizer, eos_token="<|endoftext|>")
+    vocab = len(plain)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=vocab, n_embd=32, n_layer=1, n_head=2, n_positions=64))
+    model.save_pretrained(tmp_path / "gpt2like")
+    plain.save_pretrained(tmp_path / "gpt2like")
+    loaded = Reconstructor.from_pretrained(tmp_path / "gpt2like", device="cpu")
+    assert loaded.tokenizer.mask_token_id is not None
+    assert loaded.vocab_size >= len(loaded.tokenizer)
+    result = loaded.score(np.array([[1, 2, 3, 4]]), np.array([[False, True, False, True]]))
+    assert result.surprisal.shape == (1, 4)
+
+
+def test_hub_name_offline_is_a_one_line_error(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    started = time.perf_counter()
+    with pytest.raises(ReconstructorLoadError) as info:
+        Reconstructor.from_pretrained("gpt2", device="cpu")
+    assert "\n" not in str(info.value) and "tiny" in str(info.value)
+    assert time.perf_counter() - started < 60
+
+
+def test_missing_and_corrupt_directories(test_reconstructor_dir, tmp_path):
+    with pytest.raises(ReconstructorLoadError, match="does not exist"):
+        Reconstructor.from_pretrained(str(tmp_path / "missing" / "dir"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ReconstructorLoadError, match="config.json"):
+        Reconstructor.from_pretrained(tmp_path / "empty")
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(test_reconstructor_dir, broken)
+    (broken / "model.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(ReconstructorLoadError, match="corrupt"):
+        Reconstructor.from_pretrained(broken)
+
+
+def test_window_longer_than_context_is_rejected(test_reconstructor):
+    too_long = np.zeros((1, test_reconstructor.max_seq_len + 1), dtype=np.int64)
+    with pytest.raises(ValueError, match="context"):
+        test_reconstructor.score(too_long, np.zeros_like(too_long, dtype=bool))
+
+
+def test_device_auto_is_cpu_here():
+    if not torch.cuda.is_available():
+        assert resolve_device("auto").type in {"cpu", "mps"}
+    assert resolve_device("cpu") == torch.device("cpu")
