@@ -1,0 +1,192 @@
+"""Local-context features extractor for TokenMask-v0 observations.
+
+Every token gets a feature vector computed from the token and a window of neighbours: its id, the
+decision already taken for it (undecided / kept / masked), the target mask rate, whether it is real and
+whether it must be kept, and its surprisal when the environment observes it. A shallow stack of dilated
+1-D convolutions mixes the neighbourhood; there is no global attention, so the cost is linear in the
+window length and small enough for a CPU ``compress()`` path.
+
+SB3 hands a ``Dict`` observation to the extractor with every ``Box`` value cast to ``float32``; ids and
+decisions are cast back to ``long`` here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import gymnasium as gym
+import torch as th
+from gymnasium import spaces
+from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
+from torch import nn
+
+#: Observation keys the extractor requires.
+REQUIRED_KEYS = ("token_ids", "decisions", "valid", "force_keep", "position", "target_mask_rate")
+#: Optional key with per-token surprisal in bits.
+SURPRISAL_KEY = "surprisal"
+#: Number of decision states (0 undecided, 1 kept, 2 masked).
+N_DECISIONS = 3
+
+
+class ConvBlock(nn.Module):
+    """Pre-norm residual block: LayerNorm, dilated 1-D convolution over the sequence, GELU.
+
+    :param dim: Number of channels
+    :param kernel_size: Convolution kernel size (odd, so the output is centred on the token)
+    :param dilation: Convolution dilation
+    :param dropout: Dropout probability after the activation
+    """
+
+    def __init__(self, dim: int, kernel_size: int, dilation: int, dropout: float = 0.0) -> None:
+        super().__init__()
+        if kernel_size % 2 != 1:
+            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        self.norm = nn.LayerNorm(dim)
+        self.conv = nn.Conv1d(dim, dim, kernel_size, dilation=dilation, padding=dilation * (kernel_size - 1) // 2)
+        self.act = nn.GELU()
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x: th.Tensor, valid: th.Tensor) -> th.Tensor:
+        """Apply the block.
+
+        :param x: Features ``[B, L, D]``
+        :param valid: ``[B, L, 1]`` float mask, 1 for real tokens; padding is zeroed before the convolution
+            so it never leaks into real tokens' features
+        :return: Updated features ``[B, L, D]``
+        """
+        y = self.norm(x) * valid
+        y = self.conv(y.transpose(1, 2)).transpose(1, 2)
+        return x + self.dropout(self.act(y))
+
+
+class LocalContextExtractor(BaseFeaturesExtractor):
+    """Per-token local-context features for the TokenMask-v0 ``Dict`` observation.
+
+    :meth:`token_features` gives one vector per token (``[B, seq_len, embed_dim]``); the per-token policy
+    heads use it directly. :meth:`forward` (what SB3 calls) returns a flat summary of size
+    ``features_dim = 2 * embed_dim + 2``: the mean feature over real tokens, the mean feature over the
+    chunk decided in this step, the target mask rate and the progress ``position / seq_len``.
+
+    The vocabulary size is read from the observation space (``token_ids.high + 1``). With the defaults
+    and a 4096-token vocabulary the extractor has about 1.0M parameters, half of them the embedding.
+
+    :param observation_space: The TokenMask-v0 ``Dict`` observation space
+    :param embed_dim: Width of the embeddings and of every convolution layer
+    :param kernel_size: Convolution kernel size (odd)
+    :param dilations: One convolution block per entry, with that dilation. The receptive field is
+        ``1 + (kernel_size - 1) * sum(dilations)`` tokens (49 with the defaults)
+    :param chunk_size: Number of tokens decided per step (the action size); used by the flat summary
+    :param dropout: Dropout probability inside the convolution blocks
+    :param surprisal_scale: Surprisal (bits) is divided by this before entering the network
+    """
+
+    def __init__(
+        self,
+        observation_space: gym.Space,
+        embed_dim: int = 128,
+        kernel_size: int = 5,
+        dilations: tuple[int, ...] | list[int] = (1, 2, 4, 1, 2, 2),
+        chunk_size: int = 16,
+        dropout: float = 0.0,
+        surprisal_scale: float = 8.0,
+    ) -> None:
+        if not isinstance(observation_space, spaces.Dict):
+            raise TypeError(f"LocalContextExtractor needs a Dict observation space, got {type(observation_space).__name__}")
+        missing = [key for key in REQUIRED_KEYS if key not in observation_space.spaces]
+        if missing:
+            raise KeyError(f"observation space lacks keys {missing}; it has {sorted(observation_space.spaces)}")
+        super().__init__(observation_space, features_dim=2 * embed_dim + 2)
+        token_space = observation_space["token_ids"]
+        assert isinstance(token_space, spaces.Box)
+        self.vocab_size = int(token_space.high.max()) + 1
+        self.seq_len = int(token_space.shape[0])
+        self.embed_dim = embed_dim
+        self.chunk_size = chunk_size
+        self.use_surprisal = SURPRISAL_KEY in observation_space.spaces
+        self.surprisal_scale = surprisal_scale
+        # scalar per-token inputs: target rate, valid, force_keep (+ surprisal)
+        n_scalars = 3 + int(self.use_surprisal)
+
+        self.token_embedding = nn.Embedding(self.vocab_size, embed_dim)
+        self.decision_embedding = nn.Embedding(N_DECISIONS, embed_dim)
+        self.scalar_proj = nn.Linear(n_scalars, embed_dim)
+        self.blocks = nn.ModuleList(ConvBlock(embed_dim, kernel_size, int(d), dropout) for d in dilations)
+        self.out_norm = nn.LayerNorm(embed_dim)
+
+    @property
+    def token_dim(self) -> int:
+        """Size of the per-token feature vector."""
+        return self.embed_dim
+
+    def token_features(self, observations: dict[str, th.Tensor]) -> th.Tensor:
+        """Per-token features of a batch of windows.
+
+        :param observations: Batched observation tensors (floats as SB3 gives them, or integers)
+        :return: ``[B, seq_len, embed_dim]``; rows of padded positions are zero
+        """
+        ids = observations["token_ids"].round().long().clamp(0, self.vocab_size - 1)
+        decisions = observations["decisions"].round().long().clamp(0, N_DECISIONS - 1)
+        valid = observations["valid"].float()
+        force_keep = observations["force_keep"].float()
+        rate = observations["target_mask_rate"].float().reshape(-1, 1).expand_as(valid)
+        scalars = [rate, valid, force_keep]
+        if self.use_surprisal:
+            scalars.append(observations[SURPRISAL_KEY].float() / self.surprisal_scale)
+        x = self.token_embedding(ids) + self.decision_embedding(decisions) + self.scalar_proj(th.stack(scalars, dim=-1))
+        valid_3d = valid.unsqueeze(-1)
+        for block in self.blocks:
+            x = block(x, valid_3d)
+        return self.out_norm(x) * valid_3d
+
+    def chunk_index(self, position: th.Tensor, chunk_size: int | None = None) -> tuple[th.Tensor, th.Tensor]:
+        """Window indices of the chunk decided in this step.
+
+        :param position: ``[B, 1]`` (or ``[B]``) first index of the chunk
+        :param chunk_size: Chunk length; ``self.chunk_size`` when None
+        :return: ``(index, in_window)``: ``[B, k]`` long indices clamped into the window, and a ``[B, k]``
+            bool tensor, False where ``position + j`` lies beyond the window
+        """
+        k = self.chunk_size if chunk_size is None else chunk_size
+        start = position.reshape(-1, 1).round().long()
+        index = start + th.arange(k, device=position.device).unsqueeze(0)
+        in_window = (index >= 0) & (index < self.seq_len)
+        return index.clamp(0, self.seq_len - 1), in_window
+
+    def summary(self, features: th.Tensor, observations: dict[str, th.Tensor]) -> th.Tensor:
+        """Flat summary of a window from its per-token features.
+
+        :param features: ``[B, seq_len, embed_dim]`` from :meth:`token_features`
+        :param observations: The observations the features came from
+        :return: ``[B, features_dim]``: mean over real tokens, mean over the current chunk's real tokens,
+            target mask rate, ``position / seq_len``
+        """
+        valid = observations["valid"].float()
+        global_mean = (features * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True).clamp(min=1.0)
+        index, in_window = self.chunk_index(observations["position"])
+        chunk_valid = valid.gather(1, index) * in_window.float()
+        chunk = features.gather(1, index.unsqueeze(-1).expand(-1, -1, features.shape[-1]))
+        chunk_mean = (chunk * chunk_valid.unsqueeze(-1)).sum(1) / chunk_valid.sum(1, keepdim=True).clamp(min=1.0)
+        rate = observations["target_mask_rate"].float().reshape(-1, 1)
+        progress = observations["position"].float().reshape(-1, 1) / float(self.seq_len)
+        return th.cat([global_mean, chunk_mean, rate, progress], dim=1)
+
+    def forward(self, observations: dict[str, th.Tensor]) -> th.Tensor:
+        """Flat summary features (what SB3's generic policies consume).
+
+        :param observations: Batched observation tensors
+        :return: ``[B, features_dim]``
+        """
+        return self.summary(self.token_features(observations), observations)
+
+
+def extractor_kwargs_for(action_space: gym.Space, kwargs: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Extractor keyword arguments with ``chunk_size`` taken from a ``MultiBinary`` action space.
+
+    :param action_space: The environment's action space
+    :param kwargs: User keyword arguments (not modified)
+    :return: A copy of ``kwargs`` with ``chunk_size`` set when the action space defines it
+    """
+    out = dict(kwargs or {})
+    if isinstance(action_space, spaces.MultiBinary):
+        out.setdefault("chunk_size", int(action_space.n))  # type: ignore[arg-type]
+    return out
