@@ -19,6 +19,7 @@ import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
+from torch.nn import functional as F
 
 #: Observation keys the extractor requires.
 REQUIRED_KEYS = ("token_ids", "decisions", "valid", "force_keep", "position", "target_mask_rate")
@@ -31,6 +32,10 @@ N_DECISIONS = 3
 class ConvBlock(nn.Module):
     """Pre-norm residual block: LayerNorm, dilated 1-D convolution over the sequence, GELU.
 
+    The convolution is computed as one matrix product over the ``kernel_size`` shifted copies of the
+    sequence (an explicit im2col): the same function and parameter count as ``nn.Conv1d``, but several
+    times faster on CPU for these narrow layers, where PyTorch's dilated convolution takes a slow path.
+
     :param dim: Number of channels
     :param kernel_size: Convolution kernel size (odd, so the output is centred on the token)
     :param dilation: Convolution dilation
@@ -39,12 +44,21 @@ class ConvBlock(nn.Module):
 
     def __init__(self, dim: int, kernel_size: int, dilation: int, dropout: float = 0.0) -> None:
         super().__init__()
-        if kernel_size % 2 != 1:
-            raise ValueError(f"kernel_size must be odd, got {kernel_size}")
+        if kernel_size % 2 != 1 or kernel_size < 1:
+            raise ValueError(f"kernel_size must be a positive odd number, got {kernel_size}")
+        if dilation < 1:
+            raise ValueError(f"dilation must be >= 1, got {dilation}")
+        self.kernel_size = kernel_size
+        self.dilation = dilation
         self.norm = nn.LayerNorm(dim)
-        self.conv = nn.Conv1d(dim, dim, kernel_size, dilation=dilation, padding=dilation * (kernel_size - 1) // 2)
+        self.conv = nn.Linear(kernel_size * dim, dim)
         self.act = nn.GELU()
         self.dropout = nn.Dropout(dropout)
+
+    @property
+    def reach(self) -> int:
+        """How many tokens to each side this block sees."""
+        return self.dilation * (self.kernel_size - 1) // 2
 
     def forward(self, x: th.Tensor, valid: th.Tensor) -> th.Tensor:
         """Apply the block.
@@ -54,24 +68,29 @@ class ConvBlock(nn.Module):
             so it never leaks into real tokens' features
         :return: Updated features ``[B, L, D]``
         """
-        y = self.norm(x) * valid
-        y = self.conv(y.transpose(1, 2)).transpose(1, 2)
-        return x + self.dropout(self.act(y))
+        length = x.shape[1]
+        y = F.pad(self.norm(x) * valid, (0, 0, self.reach, self.reach))
+        columns = th.cat([y[:, j * self.dilation : j * self.dilation + length] for j in range(self.kernel_size)], dim=-1)
+        return x + self.dropout(self.act(self.conv(columns)))
 
 
 class LocalContextExtractor(BaseFeaturesExtractor):
     """Per-token local-context features for the TokenMask-v0 ``Dict`` observation.
 
-    :meth:`token_features` gives one vector per token (``[B, seq_len, embed_dim]``); the per-token policy
+    :meth:`token_features` gives one vector per token (``[B, seq_len, hidden_dim]``); the per-token policy
     heads use it directly. :meth:`forward` (what SB3 calls) returns a flat summary of size
-    ``features_dim = 2 * embed_dim + 2``: the mean feature over real tokens, the mean feature over the
+    ``features_dim = 2 * hidden_dim + 2``: the mean feature over real tokens, the mean feature over the
     chunk decided in this step, the target mask rate and the progress ``position / seq_len``.
 
-    The vocabulary size is read from the observation space (``token_ids.high + 1``). With the defaults
-    and a 4096-token vocabulary the extractor has about 1.0M parameters, half of them the embedding.
+    The vocabulary size is read from the observation space (``token_ids.high + 1``). Parameters sit where
+    they cost no compute: a wide token embedding (``embed_dim``) is projected to a narrow convolution
+    stack (``hidden_dim``). With the defaults and a 4096-token vocabulary the extractor has about 0.93M
+    parameters (0.79M of them the embedding table) and costs about 0.14M multiply-adds per token, roughly
+    30 times less than the 4-layer, 256-wide GPT-2 reconstructor.
 
     :param observation_space: The TokenMask-v0 ``Dict`` observation space
-    :param embed_dim: Width of the embeddings and of every convolution layer
+    :param embed_dim: Width of the token embedding (projected to ``hidden_dim``)
+    :param hidden_dim: Width of the per-token features and of every convolution layer
     :param kernel_size: Convolution kernel size (odd)
     :param dilations: One convolution block per entry, with that dilation. The receptive field is
         ``1 + (kernel_size - 1) * sum(dilations)`` tokens (49 with the defaults)
@@ -83,7 +102,8 @@ class LocalContextExtractor(BaseFeaturesExtractor):
     def __init__(
         self,
         observation_space: gym.Space,
-        embed_dim: int = 128,
+        embed_dim: int = 192,
+        hidden_dim: int = 64,
         kernel_size: int = 5,
         dilations: tuple[int, ...] | list[int] = (1, 2, 4, 1, 2, 2),
         chunk_size: int = 16,
@@ -95,12 +115,13 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         missing = [key for key in REQUIRED_KEYS if key not in observation_space.spaces]
         if missing:
             raise KeyError(f"observation space lacks keys {missing}; it has {sorted(observation_space.spaces)}")
-        super().__init__(observation_space, features_dim=2 * embed_dim + 2)
+        super().__init__(observation_space, features_dim=2 * hidden_dim + 2)
         token_space = observation_space["token_ids"]
         assert isinstance(token_space, spaces.Box)
         self.vocab_size = int(token_space.high.max()) + 1
         self.seq_len = int(token_space.shape[0])
         self.embed_dim = embed_dim
+        self.hidden_dim = hidden_dim
         self.chunk_size = chunk_size
         self.use_surprisal = SURPRISAL_KEY in observation_space.spaces
         self.surprisal_scale = surprisal_scale
@@ -108,21 +129,22 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         n_scalars = 3 + int(self.use_surprisal)
 
         self.token_embedding = nn.Embedding(self.vocab_size, embed_dim)
-        self.decision_embedding = nn.Embedding(N_DECISIONS, embed_dim)
-        self.scalar_proj = nn.Linear(n_scalars, embed_dim)
-        self.blocks = nn.ModuleList(ConvBlock(embed_dim, kernel_size, int(d), dropout) for d in dilations)
-        self.out_norm = nn.LayerNorm(embed_dim)
+        self.token_proj = nn.Linear(embed_dim, hidden_dim, bias=False)
+        self.decision_embedding = nn.Embedding(N_DECISIONS, hidden_dim)
+        self.scalar_proj = nn.Linear(n_scalars, hidden_dim)
+        self.blocks = nn.ModuleList(ConvBlock(hidden_dim, kernel_size, int(d), dropout) for d in dilations)
+        self.out_norm = nn.LayerNorm(hidden_dim)
 
     @property
     def token_dim(self) -> int:
         """Size of the per-token feature vector."""
-        return self.embed_dim
+        return self.hidden_dim
 
     def token_features(self, observations: dict[str, th.Tensor]) -> th.Tensor:
         """Per-token features of a batch of windows.
 
         :param observations: Batched observation tensors (floats as SB3 gives them, or integers)
-        :return: ``[B, seq_len, embed_dim]``; rows of padded positions are zero
+        :return: ``[B, seq_len, hidden_dim]``; rows of padded positions are zero
         """
         ids = observations["token_ids"].round().long().clamp(0, self.vocab_size - 1)
         decisions = observations["decisions"].round().long().clamp(0, N_DECISIONS - 1)
@@ -132,7 +154,7 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         scalars = [rate, valid, force_keep]
         if self.use_surprisal:
             scalars.append(observations[SURPRISAL_KEY].float() / self.surprisal_scale)
-        x = self.token_embedding(ids) + self.decision_embedding(decisions) + self.scalar_proj(th.stack(scalars, dim=-1))
+        x = self.token_proj(self.token_embedding(ids)) + self.decision_embedding(decisions) + self.scalar_proj(th.stack(scalars, dim=-1))
         valid_3d = valid.unsqueeze(-1)
         for block in self.blocks:
             x = block(x, valid_3d)
@@ -155,7 +177,7 @@ class LocalContextExtractor(BaseFeaturesExtractor):
     def summary(self, features: th.Tensor, observations: dict[str, th.Tensor]) -> th.Tensor:
         """Flat summary of a window from its per-token features.
 
-        :param features: ``[B, seq_len, embed_dim]`` from :meth:`token_features`
+        :param features: ``[B, seq_len, hidden_dim]`` from :meth:`token_features`
         :param observations: The observations the features came from
         :return: ``[B, features_dim]``: mean over real tokens, mean over the current chunk's real tokens,
             target mask rate, ``position / seq_len``

@@ -29,7 +29,7 @@ from agents import (
 )
 from agents.policy import INACTIVE_LOGIT
 
-SMALL_EXTRACTOR = {"embed_dim": 16, "dilations": (1, 2)}
+SMALL_EXTRACTOR = {"embed_dim": 16, "hidden_dim": 16, "dilations": (1, 2)}
 SMALL_POLICY = {"net_arch": {"pi": [16], "vf": [16]}, "features_extractor_kwargs": SMALL_EXTRACTOR}
 
 
@@ -131,15 +131,15 @@ def test_default_extractor_parameter_count_and_shapes() -> None:
     assert 700_000 <= n_params <= 1_500_000, n_params
     obs = {k: th.as_tensor(np.stack([s.sample() for _ in range(3)])).float() for k, s in space.spaces.items()}
     feats = ext.token_features(obs)
-    assert feats.shape == (3, 128, 128)
+    assert feats.shape == (3, 128, ext.token_dim)
     assert ext(obs).shape == (3, ext.features_dim)
     # the surprisal feature is optional
-    assert LocalContextExtractor(token_obs_space(128, 4096)).token_features(obs).shape == (3, 128, 128)
+    assert LocalContextExtractor(token_obs_space(128, 4096)).token_features(obs).shape == (3, 128, ext.token_dim)
 
 
 def test_extractor_is_local_and_ignores_padding() -> None:
     space = token_obs_space(64, 512)
-    ext = LocalContextExtractor(space, embed_dim=32).eval()
+    ext = LocalContextExtractor(space, embed_dim=32, hidden_dim=32).eval()
     obs = {k: th.as_tensor(s.sample()[None]).float() for k, s in space.spaces.items()}
     obs["valid"][:] = 1
     obs["valid"][0, 50:] = 0
@@ -147,9 +147,10 @@ def test_extractor_is_local_and_ignores_padding() -> None:
     far = {k: v.clone() for k, v in obs.items()}
     far["token_ids"][0, 0] = (far["token_ids"][0, 0] + 1) % 512
     out = ext.token_features(far)
-    reach = (ext.blocks[0].conv.kernel_size[0] - 1) // 2 * sum(b.conv.dilation[0] for b in ext.blocks)
+    reach = sum(b.reach for b in ext.blocks)
     assert not th.allclose(out[0, 1], base[0, 1])
     assert th.allclose(out[0, reach + 1 :], base[0, reach + 1 :])
+    assert not th.allclose(out[0, reach], base[0, reach])  # the edge of the receptive field is reached
     # padded positions are zero and their token ids do not matter
     assert th.all(base[0, 50:] == 0)
     pad = {k: v.clone() for k, v in obs.items()}
@@ -363,3 +364,43 @@ def test_default_policy_on_real_sizes() -> None:
     obs["position"][:] = 32
     actions, _ = policy.predict(obs)
     assert actions.shape == (2, 16) and set(np.unique(actions)) <= {0, 1}
+
+
+# ----------------------------------------------------------------------------------- the real env
+
+
+@pytest.mark.parametrize("algo", ["ppo", "maskable_ppo", "recurrent_ppo"])
+def test_real_token_mask_env(algo: str, test_reconstructor: Any, test_windows: dict[str, np.ndarray]) -> None:
+    env_module = pytest.importorskip("tokencompress_env.env")
+    from tests.conftest import TEST_SEQ_LEN
+
+    def make() -> gym.Env:
+        return env_module.TokenMaskEnv(
+            reconstructor=test_reconstructor,
+            windows=test_windows["validation"][:16],
+            seq_len=TEST_SEQ_LEN,
+            chunk_size=16,
+            observe_surprisal=True,
+        )
+
+    env = DummyVecEnv([make])
+    extra = {"lstm_hidden_size": 16} if algo == "recurrent_ppo" else {}
+    model = make_model(
+        algo,
+        env,
+        policy_kwargs={"net_arch": {"pi": [32], "vf": [32]}, **extra},
+        seed=0,
+        device="cpu",
+        n_steps=16,
+        batch_size=16,
+        n_epochs=1,
+    )
+    extractor = model.policy.pi_features_extractor
+    assert extractor.vocab_size == test_reconstructor.vocab_size and extractor.use_surprisal and extractor.chunk_size == 16
+    model.learn(total_timesteps=32)
+    obs = env.reset()
+    with th.no_grad():
+        logits = model.policy.token_mask_logits(obs)
+    assert logits.shape == (1, TEST_SEQ_LEN)
+    blocked = (obs["valid"] == 0) | (obs["force_keep"] == 1)
+    assert np.array_equal(np.isneginf(logits.numpy()), blocked)
