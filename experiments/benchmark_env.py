@@ -1,0 +1,131 @@
+"""Throughput of TokenMask-v0: token decisions per second, batched vs. single envs vs. the bare reconstructor.
+
+Measures, on the same windows and the same shared reconstructor:
+
+* (a) ``vector_env``: :class:`TokenMaskVectorEnv` with N envs behind the SB3 adapter (what PPO steps),
+  plus the bare Gymnasium vector env (``vector_env_gymnasium``);
+* (b) ``dummy_vec_env``: N single :class:`TokenMaskEnv` in SB3's ``DummyVecEnv``;
+* (c) ``reconstructor``: :meth:`Reconstructor.score` on ``[N, seq_len]`` batches with random masks, the
+  forward pass the env cannot avoid.
+
+Each is timed ``--repeats`` times, interleaved (the CPU may be shared), and the best run is kept.
+Usage: ``python -m experiments.benchmark_env --out FILE.json [--reconstructor tiny] [--num-envs 16]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from stable_baselines3.common.vec_env import DummyVecEnv
+
+from tokencompress_env.env import TokenMaskEnv, corpus_windows, load_reconstructor
+from tokencompress_env.reconstructor import Reconstructor
+from tokencompress_env.sb3_vec_env import TokenMaskSB3VecEnv
+from tokencompress_env.vector_env import TokenMaskVectorEnv
+
+
+def _time_env(step: Callable[[np.ndarray], Any], actions: np.ndarray) -> float:
+    start = time.perf_counter()
+    for a in actions:
+        step(a)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=None, help="write the JSON result here")
+    parser.add_argument("--reconstructor", default="tiny", help="preset name or directory")
+    parser.add_argument("--corpus", default="embedded")
+    parser.add_argument("--num-envs", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--chunk-size", type=int, default=16)
+    parser.add_argument("--episodes", type=int, default=6, help="episodes per timed run")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (best kept)")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+
+    torch.manual_seed(args.seed)
+    recon: Reconstructor = load_reconstructor(args.reconstructor, args.device)
+    windows = corpus_windows(args.corpus, "train", args.seq_len, recon)
+    rng = np.random.default_rng(args.seed)
+    windows = windows[rng.choice(len(windows), size=min(len(windows), 512), replace=False)]
+    n, k, length = args.num_envs, args.chunk_size, args.seq_len
+    steps = args.episodes * (length // k)
+    actions = rng.integers(0, 2, (steps, n, k)).astype(np.int8)
+    common: dict[str, Any] = {"reconstructor": recon, "windows": windows, "seq_len": length, "chunk_size": k}
+
+    vec = TokenMaskVectorEnv(num_envs=n, **common)
+    sb3_vec = TokenMaskSB3VecEnv(TokenMaskVectorEnv(num_envs=n, **common))
+    dummy = DummyVecEnv([lambda: TokenMaskEnv(**common) for _ in range(n)])
+    vec.reset(seed=args.seed)
+    sb3_vec.seed(args.seed)
+    sb3_vec.reset()
+    dummy.seed(args.seed)
+    dummy.reset()
+    # (c) scores as many tokens as the env decides: one [n, seq_len] batch per episode.
+    batches = [windows[rng.choice(len(windows), n)] for _ in range(args.episodes)]
+    masks = [rng.random((n, length)) < 0.5 for _ in batches]
+    episode_ids = np.arange(args.episodes)
+
+    def bare(i: np.ndarray) -> None:
+        recon.score(batches[int(i)], masks[int(i)])
+
+    runs: dict[str, list[float]] = {"vector_env": [], "vector_env_gymnasium": [], "dummy_vec_env": [], "reconstructor": []}
+    decisions = steps * n * k
+    with torch.inference_mode():
+        _time_env(lambda a: vec.step(a), actions[: length // k])  # warm-up
+        _time_env(lambda a: dummy.step(a), actions[: length // k])
+        bare(episode_ids[0])
+        for _ in range(args.repeats):
+            runs["vector_env"].append(decisions / _time_env(lambda a: sb3_vec.step(a), actions))
+            runs["vector_env_gymnasium"].append(decisions / _time_env(lambda a: vec.step(a), actions))
+            runs["dummy_vec_env"].append(decisions / _time_env(lambda a: dummy.step(a), actions))
+            runs["reconstructor"].append(decisions / _time_env(bare, episode_ids))
+
+    best = {key: max(values) for key, values in runs.items()}
+    result: dict[str, Any] = {
+        "unit": "token decisions per second (reconstructor: tokens scored per second)",
+        "token_decisions_per_s": best,
+        "runs": runs,
+        "ratio_vector_over_dummy": best["vector_env"] / best["dummy_vec_env"],
+        "ratio_vector_over_reconstructor": best["vector_env"] / best["reconstructor"],
+        "targets": {"vector_over_dummy": 5.0, "vector_over_reconstructor": 0.75},
+        "config": {
+            "reconstructor": args.reconstructor,
+            "reconstructor_parameters": recon.num_parameters(),
+            "num_envs": n,
+            "seq_len": length,
+            "chunk_size": k,
+            "steps_per_run": steps,
+            "repeats": args.repeats,
+            "device": str(recon.device),
+            "torch_threads": torch.get_num_threads(),
+            "cpu_count": os.cpu_count(),
+            "machine": platform.machine(),
+            "torch": torch.__version__,
+        },
+    }
+    result["targets_met"] = {
+        "vector_over_dummy": result["ratio_vector_over_dummy"] >= 5.0,
+        "vector_over_reconstructor": result["ratio_vector_over_reconstructor"] >= 0.75,
+    }
+    text = json.dumps(result, indent=2)
+    print(text)
+    if args.out is not None:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+    return result
+
+
+if __name__ == "__main__":
+    main()
