@@ -1,0 +1,340 @@
+"""Train the compression agent on TokenMask-v0, jointly with the reconstructor.
+
+Examples::
+
+    python -m experiments.train_ppo --config experiments/configs/dev/debug.json
+    python -m experiments.train_ppo --config experiments/configs/dev/small_scale.json --algo maskable_ppo --seed 1
+    python -m experiments.train_ppo --config experiments/configs/dev/small_scale.json --resume true
+
+A run writes ``<runs_dir>/<run_name>/``: ``config.json`` (the resolved config), ``tb/`` (TensorBoard),
+``reference_reconstructor/`` (the frozen starting reconstructor), ``checkpoints/latest/`` (saved every
+``save_freq`` steps and on Ctrl-C, atomically), and at the end ``agent.zip``, ``reconstructor/``,
+``reconstructor_optimizer.pt`` and ``state.json``. ``--resume true`` continues from the latest checkpoint
+(step counter, TensorBoard curves, agent, reconstructor and its optimizer).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import signal
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import torch
+from stable_baselines3.common.base_class import BaseAlgorithm
+from stable_baselines3.common.callbacks import CallbackList
+from stable_baselines3.common.vec_env import VecMonitor
+
+from agents.algorithms import canonical_name, get_algorithm, make_model
+from callbacks.checkpoint import JointCheckpointCallback, load_checkpoint_state, load_reconstructor_optimizer, save_run_artifacts
+from callbacks.joint_training import ReconstructorFinetuneCallback
+from callbacks.metrics import CompressionMetricsCallback
+from experiments.config import cli_main, parse_config
+from tokencompress_env.errors import ConfigError, TokenCompressError
+from tokencompress_env.reconstructor import Reconstructor, resolve_device
+from tokencompress_env.sb3_vec_env import TokenMaskSB3VecEnv
+from tokencompress_env.vector_env import TokenMaskVectorEnv
+
+#: Constant TensorBoard run name, so a resumed run continues the same curves.
+TB_LOG_NAME = "train"
+
+
+@dataclass
+class TrainConfig:
+    """Options of ``experiments.train_ppo`` (every key may be set in the JSON config or on the command line).
+
+    :param run_name: name of the run folder
+    :param runs_dir: parent folder of runs
+    :param algo: ``ppo``, ``a2c``, ``trpo``, ``maskable_ppo`` or ``recurrent_ppo``
+    :param n_envs: windows scored together (one batched reconstructor forward per step)
+    :param seed: random seed (agent, env, reconstructor fine-tuning)
+    :param device: ``auto``, ``cpu``, ``cuda`` or ``mps`` (agent and reconstructor)
+    :param total_timesteps: environment steps to train for (summed over envs; one step decides ``chunk_size`` tokens)
+    :param corpus: corpus source (``embedded``, a path, or a hub dataset)
+    :param reconstructor: starting reconstructor: preset (``tiny``), directory, or hub name
+    :param seq_len: tokens per window
+    :param chunk_size: tokens decided per step
+    :param reward_type: ``info_theoretic`` or ``simple``
+    :param mask_rate_min: lowest per-episode target mask rate
+    :param mask_rate_max: highest per-episode target mask rate
+    :param bits_saved_per_mask: price of a dropped token in bits (info-theoretic reward)
+    :param rate_penalty: cost per token of deviation from the target (``None``: twice the price)
+    :param observe_surprisal: give the policy the reconstructor's surprisal of the original tokens
+    :param keep_digits: force-keep tokens with digits
+    :param policy_lr: learning rate of the agent
+    :param n_steps: steps per env per rollout
+    :param batch_size: PPO minibatch size
+    :param n_epochs: PPO epochs per rollout
+    :param gamma: discount factor
+    :param gae_lambda: GAE lambda
+    :param ent_coef: entropy bonus
+    :param clip_range: PPO clip range
+    :param embed_dim: width of the policy's token features
+    :param joint_training: fine-tune the reconstructor between rollouts
+    :param reconstructor_lr: learning rate of the reconstructor fine-tuning
+    :param reconstructor_steps: optimizer steps per fine-tuning round
+    :param reconstructor_batch_size: windows per fine-tuning micro-batch
+    :param reconstructor_grad_accum: micro-batches per fine-tuning step (gradient accumulation)
+    :param joint_interval: fine-tune every this many rollouts
+    :param random_mask_fraction: fraction of fine-tuning windows under random masks (against forgetting)
+    :param save_freq: environment steps between checkpoints (0: only at the end)
+    :param tensorboard: write TensorBoard events to ``<run>/tb``
+    :param progress_bar: show SB3's progress bar
+    :param resume: continue from ``<run>/checkpoints/latest``
+    :param verbose: SB3 verbosity
+    """
+
+    run_name: str = "debug"
+    runs_dir: str = "runs"
+    algo: str = "ppo"
+    n_envs: int = 16
+    seed: int = 0
+    device: str = "auto"
+    total_timesteps: int = 20_000
+    corpus: str = "embedded"
+    reconstructor: str = "tiny"
+    seq_len: int = 128
+    chunk_size: int = 16
+    reward_type: str = "info_theoretic"
+    mask_rate_min: float = 0.2
+    mask_rate_max: float = 0.8
+    bits_saved_per_mask: float = 8.0
+    rate_penalty: float | None = None
+    observe_surprisal: bool = False
+    keep_digits: bool = False
+    policy_lr: float = 3e-4
+    n_steps: int = 32
+    batch_size: int = 128
+    n_epochs: int = 4
+    gamma: float = 1.0
+    gae_lambda: float = 0.95
+    ent_coef: float = 0.0
+    clip_range: float = 0.2
+    embed_dim: int = 128
+    joint_training: bool = True
+    reconstructor_lr: float = 5e-5
+    reconstructor_steps: int = 4
+    reconstructor_batch_size: int = 16
+    reconstructor_grad_accum: int = 1
+    joint_interval: int = 1
+    random_mask_fraction: float = 0.25
+    save_freq: int = 10_000
+    tensorboard: bool = True
+    progress_bar: bool = True
+    resume: bool = False
+    verbose: int = 0
+
+    def validate(self) -> None:
+        """Reject inconsistent values with a message that says what to change."""
+        try:
+            canonical_name(self.algo)
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        if self.n_envs < 1 or self.total_timesteps < 1 or self.n_steps < 1:
+            raise ConfigError("n_envs, total_timesteps and n_steps must be positive")
+        if not 0.0 <= self.mask_rate_min <= self.mask_rate_max < 1.0:
+            raise ConfigError("mask rates must satisfy 0 <= mask_rate_min <= mask_rate_max < 1")
+        if self.seq_len % self.chunk_size:
+            raise ConfigError(f"seq_len ({self.seq_len}) must be a multiple of chunk_size ({self.chunk_size})")
+
+    @property
+    def run_dir(self) -> Path:
+        """The run folder.
+
+        :return: ``<runs_dir>/<run_name>``
+        """
+        return Path(self.runs_dir) / self.run_name
+
+
+def _algo_kwargs(config: TrainConfig) -> dict[str, Any]:
+    """Keyword arguments of the chosen algorithm's constructor (PPO-family or A2C/TRPO subsets).
+
+    :param config: the run config
+    :return: keyword arguments
+    """
+    name = canonical_name(config.algo)
+    kwargs: dict[str, Any] = {
+        "learning_rate": config.policy_lr,
+        "n_steps": config.n_steps,
+        "gamma": config.gamma,
+        "gae_lambda": config.gae_lambda,
+        "seed": config.seed,
+        "device": str(resolve_device(config.device)),
+        "verbose": config.verbose,
+    }
+    if name in {"ppo", "maskable_ppo", "recurrent_ppo"}:
+        kwargs.update(batch_size=config.batch_size, n_epochs=config.n_epochs, ent_coef=config.ent_coef, clip_range=config.clip_range)
+    elif name == "a2c":
+        kwargs.update(ent_coef=config.ent_coef)
+    elif name == "trpo":
+        kwargs.update(batch_size=config.batch_size)
+    return kwargs
+
+
+def make_training_env(config: TrainConfig, reconstructor: Reconstructor, split: str = "train") -> VecMonitor:
+    """The batched TokenMask-v0 environment for training, as an SB3 ``VecEnv`` under ``VecMonitor``.
+
+    :param config: the run config
+    :param reconstructor: the shared reconstructor object (injected, never copied)
+    :param split: corpus split
+    :return: the environment
+    """
+    venv = TokenMaskVectorEnv(
+        num_envs=config.n_envs,
+        corpus=config.corpus,
+        split=split,
+        reconstructor=reconstructor,
+        seq_len=config.seq_len,
+        chunk_size=config.chunk_size,
+        reward_type=config.reward_type,
+        mask_rate_range=(config.mask_rate_min, config.mask_rate_max),
+        bits_saved_per_mask=config.bits_saved_per_mask,
+        rate_penalty=config.rate_penalty,
+        observe_surprisal=config.observe_surprisal,
+        keep_digits=config.keep_digits,
+    )
+    env = TokenMaskSB3VecEnv(venv)
+    env.seed(config.seed)
+    return VecMonitor(env)
+
+
+def _prepare_run_dir(config: TrainConfig) -> Reconstructor:
+    """Create the run folder (or check it for a resume) and return the reconstructor to train.
+
+    :param config: the run config
+    :return: the reconstructor (from the checkpoint when resuming)
+    """
+    run_dir = config.run_dir
+    latest = run_dir / "checkpoints" / "latest"
+    if config.resume:
+        if not latest.exists():
+            raise TokenCompressError(f"cannot resume: '{latest}' does not exist (run without --resume to start '{config.run_name}')")
+        try:
+            load_checkpoint_state(latest)
+        except FileNotFoundError as exc:
+            raise TokenCompressError(str(exc)) from None
+        return Reconstructor.from_pretrained(latest / "reconstructor", device=config.device)
+    if latest.exists() or (run_dir / "agent.zip").exists():
+        raise TokenCompressError(
+            f"run folder '{run_dir}' already holds a run: pass --resume true to continue it, or choose another --run_name"
+        )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    reconstructor = Reconstructor.from_pretrained(config.reconstructor, device=config.device)
+    reconstructor.save_pretrained(run_dir / "reference_reconstructor", build_info={"source": config.reconstructor})
+    return reconstructor
+
+
+def train(config: TrainConfig) -> dict[str, Any]:
+    """Train an agent (and fine-tune the reconstructor) as ``config`` says; returns a summary.
+
+    :param config: the run config
+    :return: summary with the run folder, timesteps, seconds and final rollout metrics
+    """
+    torch.manual_seed(config.seed)
+    reconstructor = _prepare_run_dir(config)
+    run_dir = config.run_dir
+    resolved = asdict(config)
+    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+    if reconstructor.max_seq_len < config.seq_len:
+        raise ConfigError(f"seq_len {config.seq_len} exceeds the reconstructor's context of {reconstructor.max_seq_len} tokens")
+    env = make_training_env(config, reconstructor)
+    tensorboard_log = str(run_dir / "tb") if config.tensorboard else None
+    latest = run_dir / "checkpoints" / "latest"
+    model: BaseAlgorithm
+    if config.resume:
+        spec = get_algorithm(config.algo)
+        model = spec.algo_class.load(latest / "agent.zip", env=env, device=str(resolve_device(config.device)))
+        model.tensorboard_log = tensorboard_log
+    else:
+        model = make_model(
+            config.algo,
+            env,
+            features_extractor_kwargs={"embed_dim": config.embed_dim},
+            tensorboard_log=tensorboard_log,
+            **_algo_kwargs(config),
+        )
+    finetune = (
+        ReconstructorFinetuneCallback(
+            reconstructor,
+            learning_rate=config.reconstructor_lr,
+            gradient_steps=config.reconstructor_steps,
+            batch_size=config.reconstructor_batch_size,
+            gradient_accumulation=config.reconstructor_grad_accum,
+            interval=config.joint_interval,
+            random_mask_fraction=config.random_mask_fraction,
+            seed=config.seed,
+        )
+        if config.joint_training
+        else None
+    )
+    if finetune is not None and config.resume:
+        load_reconstructor_optimizer(finetune, latest)
+    checkpoint = JointCheckpointCallback(config.save_freq, run_dir, reconstructor, finetune, resolved, verbose=config.verbose)
+    callbacks = [CompressionMetricsCallback(), *([finetune] if finetune else []), checkpoint]
+    interrupted = False
+
+    def _on_sigint(signum: int, frame: FrameType | None) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGINT, _on_sigint)
+    started = time.perf_counter()
+    try:
+        model.learn(
+            total_timesteps=max(0, config.total_timesteps - model.num_timesteps) if config.resume else config.total_timesteps,
+            callback=CallbackList(callbacks),
+            tb_log_name=TB_LOG_NAME,
+            reset_num_timesteps=not config.resume,
+            progress_bar=config.progress_bar,
+        )
+    except KeyboardInterrupt:
+        interrupted = True
+        checkpoint.save()
+        print(f"Interrupted: checkpoint saved to {checkpoint.path}; continue with --resume true")
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        env.close()
+    seconds = time.perf_counter() - started
+    summary: dict[str, Any] = {
+        "run_dir": str(run_dir),
+        "algo": canonical_name(config.algo),
+        "num_timesteps": int(model.num_timesteps),
+        "seconds": seconds,
+        "interrupted": interrupted,
+        "finetune_rounds": finetune.rounds if finetune else 0,
+        "last_reconstructor_loss": finetune.last_loss if finetune else None,
+        "logged": {k: v for k, v in model.logger.name_to_value.items()} if hasattr(model, "logger") else {},
+    }
+    if not interrupted:
+        checkpoint.save()
+        save_run_artifacts(run_dir / "final.tmp", model, reconstructor, finetune, resolved, {"seconds": seconds})
+        for name in ("agent.zip", "reconstructor", "reconstructor_optimizer.pt", "state.json"):
+            target = run_dir / name
+            if target.is_dir():
+                shutil.rmtree(target)
+            elif target.exists():
+                target.unlink()
+            source = run_dir / "final.tmp" / name
+            if source.exists():
+                source.rename(target)
+        shutil.rmtree(run_dir / "final.tmp", ignore_errors=True)
+    return summary
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m experiments.train_ppo``.
+
+    :param argv: command-line arguments
+    """
+    config = parse_config(TrainConfig, argv, description=__doc__ or "")
+    summary = train(config)
+    print(json.dumps(summary, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

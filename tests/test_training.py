@@ -1,0 +1,132 @@
+"""Joint training: the train_ppo script, the fine-tuning callback, metrics and checkpoints."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from callbacks.joint_training import ReconstructorFinetuneCallback, masks_from_rollout
+from experiments.train_ppo import TrainConfig, train
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "experiments" / "configs" / "dev" / "debug.json"
+
+
+def _run_train(args: list[str], tc_home: Path, timeout: int = 300) -> subprocess.CompletedProcess[str]:
+    env = {**os.environ, "TOKENCOMPRESS_HOME": str(tc_home), "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.train_ppo", "--config", str(DEBUG), *args],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+    )
+
+
+def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    out: dict[str, list[tuple[int, float]]] = {}
+    for events_dir in sorted({p.parent for p in tb_dir.rglob("events.out.tfevents.*")}):
+        acc = EventAccumulator(str(events_dir))
+        acc.Reload()
+        for tag in acc.Tags()["scalars"]:
+            out.setdefault(tag, []).extend((e.step, e.value) for e in acc.Scalars(tag))
+    return out
+
+
+# TRPO's conjugate-gradient step (double backward through the policy) costs seconds per rollout on
+# CPU, so it gets a single rollout (debug.json: 4 envs x 16 steps = 64 steps).
+@pytest.mark.parametrize(("algo", "steps"), [("ppo", 128), ("a2c", 128), ("maskable_ppo", 128), ("recurrent_ppo", 128), ("trpo", 64)])
+def test_train_ppo_smoke_subprocess(algo, steps, tmp_path, tc_home, test_reconstructor_dir):
+    result = _run_train(["--algo", algo, "--runs_dir", str(tmp_path), "--total_timesteps", str(steps)], tc_home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    assert summary["num_timesteps"] >= steps
+    run = tmp_path / "debug"
+    for name in ("config.json", "agent.zip", "reconstructor/model.safetensors", "reference_reconstructor/model.safetensors"):
+        assert (run / name).exists(), name
+    assert json.loads((run / "config.json").read_text())["algo"] == algo
+
+
+def test_unknown_config_key_is_rejected_with_suggestion(tmp_path, tc_home):
+    result = _run_train(["--runs_dir", str(tmp_path), "--total_timestep", "10"], tc_home, timeout=120)
+    assert result.returncode == 2
+    assert "total_timesteps" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_metrics_checkpoints_and_resume(tmp_path, test_reconstructor_dir):
+    base = json.loads(DEBUG.read_text())
+    base = {k: v for k, v in base.items() if not k.startswith("_")}
+    config = TrainConfig(**{**base, "runs_dir": str(tmp_path), "total_timesteps": 128, "save_freq": 64})
+    first = train(config)
+    run = Path(first["run_dir"])
+    state = json.loads((run / "checkpoints" / "latest" / "state.json").read_text())
+    assert state["num_timesteps"] == first["num_timesteps"] >= 128
+    scalars = _scalars(run / "tb")
+    for tag in (
+        "compression/achieved_mask_rate",
+        "compression/target_mask_rate",
+        "compression/bits_per_masked_token",
+        "compression/recovery_accuracy",
+        "reward/tokens",
+        "reward/rate",
+        "joint/reconstructor_loss",
+        "system/rss_mb",
+        "train/entropy_loss",
+    ):
+        assert tag in scalars, tag
+    achieved = [v for _, v in scalars["compression/achieved_mask_rate"]]
+    assert all(0.0 < v < 1.0 for v in achieved)
+
+    resumed = train(TrainConfig(**{**base, "runs_dir": str(tmp_path), "total_timesteps": 256, "save_freq": 64, "resume": True}))
+    assert resumed["num_timesteps"] >= 256
+    steps = [s for s, _ in _scalars(run / "tb")["train/entropy_loss"]]
+    assert max(steps) > first["num_timesteps"]
+    assert len(list((run / "tb").iterdir())) == 1  # the same TensorBoard run continued
+
+
+def test_existing_run_needs_resume(tmp_path, test_reconstructor_dir):
+    from tokencompress_env.errors import TokenCompressError
+
+    base = {k: v for k, v in json.loads(DEBUG.read_text()).items() if not k.startswith("_")}
+    train(TrainConfig(**{**base, "runs_dir": str(tmp_path), "total_timesteps": 64}))
+    with pytest.raises(TokenCompressError, match="--resume"):
+        train(TrainConfig(**{**base, "runs_dir": str(tmp_path), "total_timesteps": 64}))
+
+
+def test_masks_from_rollout_rebuilds_final_masks():
+    n_steps, n_envs, seq_len, chunk = 4, 2, 8, 4
+    token_ids = np.tile(np.arange(seq_len, dtype=np.float32), (n_steps, n_envs, 1))
+    decisions = np.zeros((n_steps, n_envs, seq_len), dtype=np.float32)
+    position = np.zeros((n_steps, n_envs, 1), dtype=np.float32)
+    position[1::2] = 4  # steps 1 and 3 are the last chunk of an episode
+    decisions[1::2, :, :4] = [2, 1, 2, 1]
+    actions = np.ones((n_steps, n_envs, chunk), dtype=np.float32)
+    valid = np.ones_like(decisions)
+    valid[:, :, -1] = 0
+    force_keep = np.zeros_like(decisions)
+    force_keep[:, :, 5] = 1
+    obs = {"token_ids": token_ids, "decisions": decisions, "position": position, "valid": valid, "force_keep": force_keep}
+    ids, mask, valid_out = masks_from_rollout(obs, actions)
+    assert ids.shape == (4, seq_len)
+    assert mask[0].tolist() == [True, False, True, False, True, False, True, False]
+    assert not valid_out[0, -1]
+
+
+def test_finetune_changes_weights_and_leaves_eval_mode(fresh_reconstructor, test_windows):
+    callback = ReconstructorFinetuneCallback(fresh_reconstructor, learning_rate=1e-3, gradient_steps=2, batch_size=4)
+    before = [p.detach().clone() for p in fresh_reconstructor.model.parameters()]
+    ids = test_windows["train"][:8]
+    mask = np.zeros(ids.shape, dtype=bool)
+    mask[:, ::3] = True
+    loss = callback.finetune(ids, mask, np.ones(ids.shape, dtype=bool))
+    assert np.isfinite(loss)
+    assert not fresh_reconstructor.model.training
+    changed = [not torch.equal(a, b) for a, b in zip(before, fresh_reconstructor.model.parameters())]
+    assert any(changed)
+    assert callback.rounds == 1
