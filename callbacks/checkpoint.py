@@ -20,6 +20,7 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 
 from callbacks.joint_training import ReconstructorFinetuneCallback
+from tokencompress_env.errors import CheckpointError
 from tokencompress_env.reconstructor import Reconstructor
 
 #: Name of the latest checkpoint folder inside ``<run>/checkpoints``.
@@ -71,6 +72,34 @@ def save_run_artifacts(
     _replace_dir(tmp, folder)
 
 
+def _unusable(folder: Path, problem: str) -> str:
+    """The one-line message for a checkpoint that cannot be resumed from.
+
+    :param folder: the checkpoint folder (``<run>/checkpoints/latest``)
+    :param problem: what is wrong with it
+    :return: the message, saying what to do
+    """
+    return f"checkpoint '{folder}' {problem}: it cannot be resumed; start over with another --run_name (or delete '{folder.parent.parent}')"
+
+
+def recover_checkpoint(folder: Path) -> None:
+    """Finish what a process killed inside :func:`_replace_dir` left undone, and drop stale temporary folders.
+
+    Between moving the previous checkpoint to ``<folder>.old`` and the new one into place there is no
+    ``folder``; a run killed exactly then still has its previous complete checkpoint in ``.old``,
+    which is moved back.
+
+    :param folder: the checkpoint folder (``<run>/checkpoints/latest``)
+    """
+    folder = Path(folder)
+    old = folder.with_name(folder.name + ".old")
+    if not folder.exists() and (old / "state.json").exists():
+        os.replace(old, folder)
+    if folder.parent.is_dir():
+        for stale in folder.parent.glob(f"{folder.name}.tmp-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+
+
 def load_checkpoint_state(folder: Path) -> dict[str, Any]:
     """Read a checkpoint's ``state.json``, checking that the checkpoint is complete.
 
@@ -80,9 +109,13 @@ def load_checkpoint_state(folder: Path) -> dict[str, Any]:
     required = ["agent.zip", "reconstructor/model.safetensors", "config.json", "state.json"]
     missing = [name for name in required if not (folder / name).exists()]
     if missing:
-        raise FileNotFoundError(f"checkpoint '{folder}' is incomplete (missing {', '.join(missing)})")
-    state: dict[str, Any] = json.loads((folder / "state.json").read_text())
-    return state
+        raise CheckpointError(_unusable(folder, f"is incomplete (missing {', '.join(missing)})"))
+    try:
+        state = json.loads((folder / "state.json").read_text())
+        int(state["num_timesteps"])
+    except (ValueError, KeyError, TypeError, UnicodeDecodeError):
+        raise CheckpointError(_unusable(folder, "is corrupt (unreadable state.json)")) from None
+    return dict(state)
 
 
 def load_reconstructor_optimizer(finetune: ReconstructorFinetuneCallback, folder: Path) -> None:
@@ -93,8 +126,12 @@ def load_reconstructor_optimizer(finetune: ReconstructorFinetuneCallback, folder
     """
     path = folder / "reconstructor_optimizer.pt"
     if path.exists():
-        finetune.optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
-    state = json.loads((folder / "state.json").read_text())
+        try:
+            finetune.optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+        except Exception as exc:  # truncated file, wrong shapes: the same user-facing problem
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(_unusable(folder, f"is corrupt (reconstructor_optimizer.pt: {first})")) from None
+    state = load_checkpoint_state(folder)
     finetune.rounds = int(state.get("finetune_rounds", 0))
 
 

@@ -64,7 +64,10 @@ def prepare(config: PrepareDataConfig) -> dict[str, Any]:
     """
     reconstructor = Reconstructor.from_pretrained(config.reconstructor, device="cpu")
     if config.max_length > reconstructor.max_seq_len:
-        raise ConfigError(f"max_length {config.max_length} exceeds the reconstructor's context of {reconstructor.max_seq_len} tokens")
+        raise ConfigError(
+            f"max_length {config.max_length} exceeds the reconstructor's context of {reconstructor.max_seq_len} tokens: "
+            f"pass --max_length {reconstructor.max_seq_len} or less"
+        )
     documents = split_documents(
         load_documents(config.dataset_name, config.dataset_config), config.val_fraction, config.test_fraction, config.split_seed
     )

@@ -76,6 +76,9 @@ class PretrainReconstructorConfig:
             raise ConfigError("mask rates must satisfy 0 <= min_mask_rate <= max_mask_rate < 1")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("steps, batch_size and grad_accum must be positive")
+        context = PRESETS[self.preset]["n_positions"] - 1
+        if not 2 <= self.seq_len <= context:
+            raise ConfigError(f"seq_len must be in [2, {context}] (the '{self.preset}' preset's context), got {self.seq_len}")
 
 
 @cli_main

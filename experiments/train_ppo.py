@@ -11,6 +11,12 @@ A run writes ``<runs_dir>/<run_name>/``: ``config.json`` (the resolved config), 
 ``save_freq`` steps and on Ctrl-C, atomically), and at the end ``agent.zip``, ``reconstructor/``,
 ``reconstructor_optimizer.pt`` and ``state.json``. ``--resume true`` continues from the latest checkpoint
 (step counter, TensorBoard curves, agent, reconstructor and its optimizer).
+
+Everything is validated (config, reconstructor, ``seq_len`` against its context, corpus, checkpoint)
+before anything is written, so a run that fails validation leaves no run folder behind. Killed at any
+moment (even SIGKILL), a run keeps its last complete checkpoint and loses at most ``save_freq`` steps.
+Ctrl-C (SIGINT) saves a checkpoint, prints the summary and exits with code 130; user errors print one
+line and exit with code 2; a finished run exits with 0.
 """
 
 from __future__ import annotations
@@ -31,11 +37,17 @@ from stable_baselines3.common.callbacks import CallbackList
 from stable_baselines3.common.vec_env import VecMonitor
 
 from agents.algorithms import canonical_name, get_algorithm, make_model
-from callbacks.checkpoint import JointCheckpointCallback, load_checkpoint_state, load_reconstructor_optimizer, save_run_artifacts
+from callbacks.checkpoint import (
+    JointCheckpointCallback,
+    load_checkpoint_state,
+    load_reconstructor_optimizer,
+    recover_checkpoint,
+    save_run_artifacts,
+)
 from callbacks.joint_training import ReconstructorFinetuneCallback
 from callbacks.metrics import CompressionMetricsCallback
 from experiments.config import cli_main, parse_config
-from tokencompress_env.errors import ConfigError, TokenCompressError
+from tokencompress_env.errors import CheckpointError, ConfigError, ReconstructorLoadError, TokenCompressError
 from tokencompress_env.reconstructor import Reconstructor, resolve_device
 from tokencompress_env.sb3_vec_env import TokenMaskSB3VecEnv
 from tokencompress_env.vector_env import TokenMaskVectorEnv
@@ -204,7 +216,7 @@ def make_training_env(config: TrainConfig, reconstructor: Reconstructor, split: 
 
 
 def _prepare_run_dir(config: TrainConfig) -> Reconstructor:
-    """Create the run folder (or check it for a resume) and return the reconstructor to train.
+    """Check the run folder (and, for a resume, its checkpoint) and load the reconstructor to train; writes nothing.
 
     :param config: the run config
     :return: the reconstructor (from the checkpoint when resuming)
@@ -212,21 +224,47 @@ def _prepare_run_dir(config: TrainConfig) -> Reconstructor:
     run_dir = config.run_dir
     latest = run_dir / "checkpoints" / "latest"
     if config.resume:
+        recover_checkpoint(latest)
         if not latest.exists():
-            raise TokenCompressError(f"cannot resume: '{latest}' does not exist (run without --resume to start '{config.run_name}')")
+            raise CheckpointError(f"cannot resume: '{latest}' does not exist (run without --resume to start '{config.run_name}')")
+        load_checkpoint_state(latest)
         try:
-            load_checkpoint_state(latest)
-        except FileNotFoundError as exc:
-            raise TokenCompressError(str(exc)) from None
-        return Reconstructor.from_pretrained(latest / "reconstructor", device=config.device)
-    if latest.exists() or (run_dir / "agent.zip").exists():
+            reconstructor = Reconstructor.from_pretrained(latest / "reconstructor", device=config.device)
+        except ReconstructorLoadError as exc:
+            raise CheckpointError(f"cannot resume from '{latest}': {exc}") from None
+    elif latest.exists() or (run_dir / "agent.zip").exists():
         raise TokenCompressError(
             f"run folder '{run_dir}' already holds a run: pass --resume true to continue it, or choose another --run_name"
         )
-    run_dir.mkdir(parents=True, exist_ok=True)
-    reconstructor = Reconstructor.from_pretrained(config.reconstructor, device=config.device)
-    reconstructor.save_pretrained(run_dir / "reference_reconstructor", build_info={"source": config.reconstructor})
+    else:
+        reconstructor = Reconstructor.from_pretrained(config.reconstructor, device=config.device)
+    if reconstructor.max_seq_len < config.seq_len:
+        fits = reconstructor.max_seq_len // config.chunk_size * config.chunk_size
+        raise ConfigError(
+            f"seq_len {config.seq_len} exceeds the reconstructor's context of {reconstructor.max_seq_len} tokens: "
+            f"pass --seq_len {fits} or less"
+        )
     return reconstructor
+
+
+def _load_agent(config: TrainConfig, latest: Path, env: VecMonitor) -> BaseAlgorithm:
+    """Load the checkpoint's agent for a resume, with a one-line error when the file is corrupt.
+
+    :param config: the run config
+    :param latest: the checkpoint folder
+    :param env: the training environment
+    :return: the agent
+    """
+    spec = get_algorithm(config.algo)
+    try:
+        model: BaseAlgorithm = spec.algo_class.load(latest / "agent.zip", env=env, device=str(resolve_device(config.device)))
+    except Exception as exc:  # truncated zip, wrong algorithm or spaces: the same user-facing problem
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"cannot resume: '{latest / 'agent.zip'}' does not load as a {canonical_name(config.algo)} agent ({first}); "
+            f"check --algo, or start over with another --run_name"
+        ) from None
+    return model
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -239,16 +277,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
     reconstructor = _prepare_run_dir(config)
     run_dir = config.run_dir
     resolved = asdict(config)
-    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
-    if reconstructor.max_seq_len < config.seq_len:
-        raise ConfigError(f"seq_len {config.seq_len} exceeds the reconstructor's context of {reconstructor.max_seq_len} tokens")
-    env = make_training_env(config, reconstructor)
+    env = make_training_env(config, reconstructor)  # loads the corpus: fails before anything is written
     tensorboard_log = str(run_dir / "tb") if config.tensorboard else None
     latest = run_dir / "checkpoints" / "latest"
     model: BaseAlgorithm
     if config.resume:
-        spec = get_algorithm(config.algo)
-        model = spec.algo_class.load(latest / "agent.zip", env=env, device=str(resolve_device(config.device)))
+        model = _load_agent(config, latest, env)
         model.tensorboard_log = tensorboard_log
     else:
         model = make_model(
@@ -258,6 +292,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
             tensorboard_log=tensorboard_log,
             **_algo_kwargs(config),
         )
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not config.resume:
+        reconstructor.save_pretrained(run_dir / "reference_reconstructor", build_info={"source": config.reconstructor})
+    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
     finetune = (
         ReconstructorFinetuneCallback(
             reconstructor,
@@ -334,6 +372,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     config = parse_config(TrainConfig, argv, description=__doc__ or "")
     summary = train(config)
     print(json.dumps(summary, indent=2, default=str))
+    if summary["interrupted"]:
+        raise SystemExit(130)  # the checkpoint is saved; 130 tells scripts the run has not finished
 
 
 if __name__ == "__main__":

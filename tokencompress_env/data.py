@@ -23,6 +23,7 @@ from __future__ import annotations
 import ast
 import hashlib
 import json
+import logging
 import os
 import shutil
 import sysconfig
@@ -42,6 +43,8 @@ if TYPE_CHECKING:
 
 #: Name of the embedded offline corpus.
 EMBEDDED = "embedded"
+
+_LOG = logging.getLogger(__name__)
 
 _SKIP_DIRS = {
     "test",
@@ -101,12 +104,23 @@ def embedded_documents() -> list[tuple[str, str]]:
 
 
 def _read_text_file(path: Path) -> str:
-    """Read a text file as UTF-8, replacing undecodable bytes rather than failing.
+    """Read a text file as UTF-8, replacing undecodable bytes rather than failing (with a one-line warning).
 
     :param path: the file
     :return: its text
     """
-    return path.read_bytes().decode("utf-8", errors="replace")
+    raw = path.read_bytes()
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        text = raw.decode("utf-8", errors="replace")
+        _LOG.warning(
+            "warning: '%s' is not valid UTF-8 (first bad byte at offset %d); undecodable bytes were replaced by U+FFFD. "
+            "Re-encode it as UTF-8 (e.g. iconv -f latin1 -t utf-8) to keep them.",
+            path,
+            exc.start,
+        )
+        return text
 
 
 def _split_long_text(doc_id: str, text: str, doc_chars: int) -> list[tuple[str, str]]:
@@ -172,11 +186,11 @@ def hub_documents(name: str, config: str | None = None, split: str = "train", do
             loaded: Any = datasets.load_from_disk(name)
         else:
             loaded = datasets.load_dataset(name, config) if config else datasets.load_dataset(name)
-    except Exception as exc:  # noqa: BLE001 - any failure to reach the hub is the same user error
+    except Exception as exc:  # any failure to reach the hub is the same user error
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise DataSourceError(
             f"could not load dataset '{name}'{f' ({config})' if config else ''}: {first_line[:200]}. "
-            "Offline? Use --data embedded or --data PATH_TO_TEXT instead."
+            "Offline? Give 'embedded' or a local .txt file or folder as the corpus (--data, --corpus or --dataset_name) instead."
         ) from None
     table = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     if "text" not in table.column_names:
@@ -290,6 +304,9 @@ def make_windows(
         num_proc=num_proc if num_proc and len(documents) >= 2 * num_proc else None,
         desc=f"Cutting {seq_len}-token windows",
     )
+    if len(windows) == 0:  # every document shorter than one window: datasets keeps the input columns then
+        empty = {"doc_id": datasets.Value("string"), "input_ids": datasets.Sequence(datasets.Value("int64"))}
+        windows = datasets.Dataset.from_dict({"doc_id": [], "input_ids": []}, features=datasets.Features(empty))
     windows = windows.cast_column("input_ids", datasets.Sequence(datasets.Value("int64")))
     if max_windows is not None and len(windows) > max_windows:
         windows = windows.select(range(max_windows))
@@ -369,6 +386,10 @@ def prepare_corpus(
     windows = datasets.DatasetDict(
         {split: make_windows(docs, tokenizer, spec.seq_len, num_proc, spec.max_windows) for split, docs in documents.items()}
     )
+    if all(len(ds) == 0 for ds in windows.values()):
+        raise DataSourceError(
+            f"corpus '{spec.source}' is shorter than one {spec.seq_len}-token window: give more text or a shorter window length"
+        )
     tmp = folder / f".{spec.key()}.tmp-{os.getpid()}"
     windows.save_to_disk(str(tmp))
     (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=2))

@@ -26,3 +26,7 @@ class ConfigError(TokenCompressError):
 
 class InputError(TokenCompressError):
     """An input text or argument is unusable (empty text, mask rate outside [0, 1), ...)."""
+
+
+class CheckpointError(TokenCompressError):
+    """A run folder or checkpoint is missing, incomplete or corrupt."""

@@ -308,8 +308,7 @@ def build_reconstructor(
     :return: the reconstructor and the build report
     """
     output_dir = Path(output_dir)
-    partial = output_dir.with_name(output_dir.name + ".partial")
-    partial.mkdir(parents=True, exist_ok=True)
+    partial = output_dir.with_name(output_dir.name + ".partial")  # created by the first checkpoint, not before
     documents = split_documents(load_documents(config.source))
     ckpt = partial / "checkpoint"
     if (ckpt / "state.json").exists():
