@@ -33,19 +33,18 @@ from typing import Any
 
 import datasets
 import numpy as np
-import torch
 
 from experiments.config import cli_main, parse_config
 from tokencompress_env.baselines import (
     BASELINE_NAMES,
     BASELINES,
     POLICY,
-    LogitFn,
     MaskMethod,
     MethodContext,
     policy_method,
     token_frequencies,
 )
+from tokencompress_env.compressor import agent_logit_fn
 from tokencompress_env.data import EMBEDDED, CorpusSpec, local_documents, make_windows, prepare_corpus, window_array
 from tokencompress_env.errors import ConfigError, InputError, ReconstructorLoadError
 from tokencompress_env.evaluation import METHOD_NAMES, evaluate, plot_rate_distortion, write_results_json, write_results_markdown
@@ -188,49 +187,6 @@ def load_run(run_dir: str | Path, device: str = "auto", load_agent: bool = True)
     return RunBundle(root, config, reference, joint, agent, problems)
 
 
-def agent_logit_fn(agent: Any, surprisal_reconstructor: Reconstructor, batch_size: int = 64) -> LogitFn:
-    """Per-token mask logits of a trained agent for whole windows (the policy's seam into the baselines' ranking).
-
-    Builds TokenMask-v0 observations with nothing decided yet (position 0, the target rate, no
-    force-keep; the surprisal feature from ``surprisal_reconstructor`` when the policy observes it) and
-    asks the policy's ``token_mask_logits``.
-
-    :param agent: an SB3 model whose policy has ``token_mask_logits`` (agents package)
-    :param surprisal_reconstructor: the reconstructor whose surprisal the policy observed in training
-    :param batch_size: windows per policy forward pass
-    :return: ``(input_ids, valid, rate) -> logits``
-    """
-    policy = agent.policy
-    keys = list(agent.observation_space.spaces)
-    seq_len = int(agent.observation_space["token_ids"].shape[0])
-    high = float(agent.observation_space["surprisal"].high.max()) if "surprisal" in keys else 0.0
-
-    def logits(input_ids: np.ndarray, valid: np.ndarray, rate: float) -> np.ndarray:
-        ids = np.asarray(input_ids, dtype=np.int64)
-        if ids.shape[1] != seq_len:
-            raise InputError(f"the policy was trained on {seq_len}-token windows, got {ids.shape[1]}: pass --seq_len {seq_len}")
-        out = np.zeros(ids.shape, dtype=np.float64)
-        for start in range(0, len(ids), batch_size):
-            sl = slice(start, start + batch_size)
-            n = len(ids[sl])
-            obs: dict[str, np.ndarray] = {
-                "token_ids": ids[sl],
-                "decisions": np.zeros((n, seq_len), dtype=np.int64),
-                "valid": valid[sl].astype(np.int64),
-                "force_keep": np.zeros((n, seq_len), dtype=np.int64),
-                "position": np.zeros((n, 1), dtype=np.int64),
-                "target_mask_rate": np.full((n, 1), rate, dtype=np.float32),
-            }
-            if "surprisal" in keys:
-                bits = surprisal_reconstructor.surprisal(ids[sl], valid[sl]).clamp(0.0, high)
-                obs["surprisal"] = bits.cpu().numpy().astype(np.float32)
-            with torch.no_grad():
-                out[sl] = policy.token_mask_logits({k: obs[k] for k in keys}).double().cpu().numpy()
-        return out
-
-    return logits
-
-
 # ---------------------------------------------------------------------------- data
 def build_info(reconstructor_dir: Path | None) -> dict[str, Any]:
     """The build facts a preset reconstructor records (``tokencompress.json``), or ``{}``.
@@ -330,7 +286,8 @@ def run_evaluation(config: EvaluateConfig) -> list[dict[str, Any]]:
         if name == POLICY:
             assert bundle is not None
             surprisal_rec = bundle.joint if bundle.joint is not None else reference
-            methods[name] = policy_method(agent_logit_fn(bundle.agent, surprisal_rec, config.batch_size))
+            keep_digits = bool(bundle.config.get("keep_digits", False))
+            methods[name] = policy_method(agent_logit_fn(bundle.agent, surprisal_rec, config.batch_size, keep_digits))
         else:
             methods[name] = BASELINES[name]
 

@@ -19,6 +19,8 @@ _LAZY = {
     "TokenMaskVectorEnv": "tokencompress_env.vector_env",
     "TokenMaskSB3VecEnv": "tokencompress_env.sb3_vec_env",
     "RewardConfig": "tokencompress_env.reward",
+    "Compressor": "tokencompress_env.compressor",
+    "CompressionResult": "tokencompress_env.compressor",
 }
 
 
@@ -34,6 +36,7 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "ENV_ID", "Reconstructor", "RewardConfig", "ScoreResult", "TokenMaskEnv", "TokenMaskSB3VecEnv", "TokenMaskVectorEnv", "register_envs",
+    "ENV_ID", "CompressionResult", "Compressor", "Reconstructor", "RewardConfig", "ScoreResult",
+    "TokenMaskEnv", "TokenMaskSB3VecEnv", "TokenMaskVectorEnv", "register_envs",
 ]
 __version__ = "0.1.0"

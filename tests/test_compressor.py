@@ -1,0 +1,334 @@
+"""The compression API (Compressor) and the compress / benchmark_compress command lines, on a tiny trained run."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from experiments.compress import main as compress_main
+from experiments.train_ppo import TrainConfig, train
+from tokencompress_env import CompressionResult, Compressor
+from tokencompress_env.baselines import logits_to_mask, mask_budget, policy_method
+from tokencompress_env.compressor import agent_logit_fn, window_bounds, window_mask_logits
+from tokencompress_env.errors import InputError, TokenCompressError
+
+ROOT = Path(__file__).resolve().parents[1]
+DEBUG = ROOT / "experiments" / "configs" / "dev" / "debug.json"
+
+SHORT = "The quick brown fox jumps over the lazy dog while the cat sleeps."
+PARAGRAPH = (
+    "Return a new list containing all items from the iterable in ascending order. A custom key function can be "
+    "supplied to customize the sort order, and the reverse flag can be set to request the result in descending order. "
+)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Torch on one thread: the machine's cores are shared, and oversubscription makes torch much slower."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _train(runs_dir: Path, **overrides: object) -> Path:
+    base = {k: v for k, v in json.loads(DEBUG.read_text()).items() if not k.startswith("_")}
+    config = TrainConfig(**{**base, "runs_dir": str(runs_dir), "total_timesteps": 64, "tensorboard": False, "device": "cpu", **overrides})
+    return Path(train(config)["run_dir"])
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory: pytest.TempPathFactory, test_reconstructor_dir: Path) -> Path:
+    """A tiny trained run (debug.json, 64 steps: seq_len 64), built once for the module."""
+    return _train(tmp_path_factory.mktemp("compress_runs"))
+
+
+@pytest.fixture(scope="module")
+def compressor(run_dir: Path) -> Compressor:
+    return Compressor.load(run_dir, device="cpu")
+
+
+def _compress_one(compressor: Compressor, text: str, **kwargs: object) -> CompressionResult:
+    result = compressor.compress(text, **kwargs)  # type: ignore[arg-type]
+    assert isinstance(result, CompressionResult)
+    return result
+
+
+def _check_consistent(compressor: Compressor, r: CompressionResult) -> None:
+    assert r.kept_mask.dtype == bool and r.kept_mask.shape == (r.origin_tokens,)
+    assert np.array_equal(r.ids, r.origin_ids[r.kept_mask])
+    assert r.compressed_tokens == int(r.kept_mask.sum()) == len(r.ids)
+    assert r.achieved_mask_rate == pytest.approx(1 - r.compressed_tokens / r.origin_tokens)
+    assert r.text == compressor.tokenizer.decode(r.ids.tolist())
+
+
+# ---------------------------------------------------------------------------- API
+def test_single_window_rate_is_exact_and_uses_the_shared_ranking(compressor: Compressor) -> None:
+    ids = compressor.tokenizer(SHORT, add_special_tokens=False)["input_ids"]
+    n = len(ids)
+    assert n <= compressor.seq_len
+    for rate in (0.0, 0.2, 0.4, 0.55, 0.9):
+        r = _compress_one(compressor, SHORT, mask_rate=rate)
+        _check_consistent(compressor, r)
+        assert r.windows == 1 and r.origin_tokens == n and list(r.origin_ids) == ids
+        assert r.origin_tokens - r.compressed_tokens == int(np.floor(rate * n + 0.5))
+        assert r.requested_mask_rate == rate
+        # The same mask the evaluation's helper gives from the policy's logits.
+        win = np.full((1, compressor.seq_len), compressor.reconstructor.pad_token_id, dtype=np.int64)
+        win[0, :n] = ids
+        valid = np.arange(compressor.seq_len)[None] < n
+        logits = window_mask_logits(compressor.agent, win, valid, np.zeros_like(valid), rate)
+        assert np.array_equal(~r.kept_mask, logits_to_mask(logits, rate, valid)[0, :n])
+
+
+def test_long_text_is_compressed_window_by_window(compressor: Compressor) -> None:
+    text = PARAGRAPH * 6
+    r = _compress_one(compressor, text, mask_rate=0.5)
+    _check_consistent(compressor, r)
+    n = r.origin_tokens
+    assert n > 3 * compressor.seq_len
+    bounds = window_bounds(n, compressor.seq_len)
+    assert r.windows == len(bounds) - 1 == -(-n // compressor.seq_len)
+    assert np.diff(bounds).max() <= compressor.seq_len
+    for a, b in itertools.pairwise(bounds):
+        assert int((~r.kept_mask[a:b]).sum()) == int(np.floor(0.5 * (b - a) + 0.5))
+    assert r.achieved_mask_rate == pytest.approx(0.5, abs=len(bounds) / n)
+
+
+def test_batch_equals_one_by_one(compressor: Compressor) -> None:
+    texts = [SHORT, PARAGRAPH * 3, "Another short sentence about 42 apples and 7 pears."]
+    batch = compressor.compress(texts, mask_rate=0.3)
+    assert isinstance(batch, list) and len(batch) == 3
+    for text, r in zip(texts, batch, strict=True):
+        alone = _compress_one(compressor, text, mask_rate=0.3)
+        _check_consistent(compressor, r)
+        assert np.array_equal(r.kept_mask, alone.kept_mask) and r.text == alone.text
+
+
+def test_target_tokens_gives_exact_lengths(compressor: Compressor) -> None:
+    long_text = PARAGRAPH * 4
+    n_long = len(compressor.tokenizer(long_text, add_special_tokens=False)["input_ids"])
+    for text, n in ((SHORT, len(compressor.tokenizer(SHORT, add_special_tokens=False)["input_ids"])), (long_text, n_long)):
+        for target in (0, 1, n // 3, n - 1, n):
+            r = _compress_one(compressor, text, target_tokens=target)
+            _check_consistent(compressor, r)
+            assert r.compressed_tokens == target and r.target_tokens == target
+            assert r.requested_mask_rate == pytest.approx(1 - target / n)
+    per_text = compressor.compress([SHORT, long_text], target_tokens=[5, 50])
+    assert [r.compressed_tokens for r in per_text] == [5, 50]  # type: ignore[union-attr]
+
+
+def test_force_keep_strings_and_digits_are_never_dropped(compressor: Compressor) -> None:
+    # A long text so that the strings also fall across window boundaries.
+    sentence = "In 2024 the Zanzibar protocol moved 31415 crates; ask Zanzibar again about 2718 items. "
+    text = sentence * 12
+    for rate in (0.5, 0.9):
+        r = _compress_one(compressor, text, mask_rate=rate, force_keep=["Zanzibar", "crates"], keep_digits=True)
+        _check_consistent(compressor, r)
+        assert r.windows > 1
+        assert r.text.count("Zanzibar") == text.count("Zanzibar")
+        assert r.text.count("crates") == text.count("crates")
+        for number in ("2024", "31415", "2718"):
+            assert r.text.count(number) == text.count(number)
+        assert r.force_kept[~r.kept_mask].sum() == 0
+    # Without the rules, rate 0.9 drops some of those tokens (so the assertions above can fail).
+    plain = _compress_one(compressor, text, mask_rate=0.9, keep_digits=False)
+    assert plain.text.count("Zanzibar") < text.count("Zanzibar") or plain.text.count("2024") < text.count("2024")
+
+
+def test_force_keep_string_inside_a_word_and_budget_over_all_tokens(compressor: Compressor) -> None:
+    text = "supercalifragilistic words and more words and still more words for the budget"
+    r = _compress_one(compressor, text, mask_rate=0.5, force_keep="fragil")
+    kept_tokens = [compressor.tokenizer.decode([i]) for i in r.origin_ids[r.force_kept]]
+    assert "fragil" in "".join(kept_tokens)
+    assert r.force_kept[~r.kept_mask].sum() == 0
+    n = r.origin_tokens
+    assert n - r.compressed_tokens == min(int(np.floor(0.5 * n + 0.5)), int((~r.force_kept).sum()))
+
+
+def test_reconstruct_keeps_kept_tokens(compressor: Compressor) -> None:
+    r = _compress_one(compressor, PARAGRAPH * 3, mask_rate=0.4)
+    for reference in (False, True):
+        filled = compressor.reconstruct_ids(r, reference=reference)
+        assert filled.shape == r.origin_ids.shape
+        assert np.array_equal(filled[r.kept_mask], r.origin_ids[r.kept_mask])
+        text = compressor.reconstruct(r, reference=reference)
+        assert isinstance(text, str) and text == compressor.tokenizer.decode(filled.tolist())
+    untouched = _compress_one(compressor, SHORT, mask_rate=0.0)
+    assert compressor.reconstruct(untouched) == SHORT
+
+
+@pytest.mark.parametrize(
+    ("text", "kwargs", "match"),
+    [
+        ("", {}, "empty"),
+        ("  \n\t ", {}, "empty"),
+        ([], {}, "no text"),
+        (None, {}, "list of texts"),
+        ([SHORT, " "], {}, r"text 1"),
+        ([SHORT, 3], {}, "strings"),
+        (SHORT, {"mask_rate": 1.0}, r"\[0, 1\)"),
+        (SHORT, {"mask_rate": -0.1}, r"\[0, 1\)"),
+        (SHORT, {"mask_rate": float("nan")}, r"\[0, 1\)"),
+        (SHORT, {"mask_rate": "0.4"}, "number"),
+        (SHORT, {"target_tokens": -1}, "target_tokens"),
+        (SHORT, {"target_tokens": 10_000}, "token count"),
+        (SHORT, {"target_tokens": 2.5}, "integer"),
+        (SHORT, {"mask_rate": 0.4, "target_tokens": 3}, "not both"),
+        ([SHORT, SHORT], {"target_tokens": [1, 2, 3]}, "one per text"),
+        (SHORT, {"force_keep": [1]}, "force_keep"),
+    ],
+)
+def test_bad_inputs_raise_one_line_input_errors(compressor: Compressor, text: object, kwargs: dict, match: str) -> None:
+    with pytest.raises(InputError, match=match) as info:
+        compressor.compress(text, **kwargs)  # type: ignore[arg-type]
+    assert "\n" not in str(info.value)
+
+
+def test_evaluation_seam_uses_the_same_logits(compressor: Compressor, test_windows: dict[str, np.ndarray]) -> None:
+    windows = test_windows["test"][:5]
+    valid = np.ones(windows.shape, dtype=bool)
+    fn = agent_logit_fn(compressor.agent, compressor.reconstructor, batch_size=2)
+    logits = fn(windows, valid, 0.6)
+    direct = window_mask_logits(compressor.agent, windows, valid, np.zeros_like(valid), 0.6)
+    assert np.allclose(logits, direct, atol=1e-5)
+    masks = policy_method(fn)(windows, 0.6, None, valid)  # type: ignore[arg-type]
+    assert np.array_equal(masks.sum(axis=1), mask_budget(0.6, valid))
+
+
+def test_surprisal_observing_run(tmp_path: Path, test_reconstructor_dir: Path) -> None:
+    run = _train(tmp_path, observe_surprisal=True, total_timesteps=32, n_steps=8)
+    comp = Compressor.load(run, device="cpu")
+    assert comp.observe_surprisal
+    r = _compress_one(comp, PARAGRAPH * 2, mask_rate=0.4)
+    _check_consistent(comp, r)
+    with pytest.raises(InputError, match="surprisal"):
+        window_mask_logits(comp.agent, np.zeros((1, comp.seq_len), dtype=np.int64), np.ones((1, comp.seq_len), bool),
+                           np.zeros((1, comp.seq_len), bool), 0.4)
+
+
+# ---------------------------------------------------------------------------- loading
+def test_load_errors_name_what_is_missing(run_dir: Path, tmp_path: Path) -> None:
+    with pytest.raises(TokenCompressError, match="does not exist"):
+        Compressor.load(tmp_path / "nope")
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(TokenCompressError, match=r"config\.json, agent\.zip, reconstructor"):
+        Compressor.load(empty)
+
+    partial = tmp_path / "partial"
+    shutil.copytree(run_dir, partial)
+    (partial / "agent.zip").unlink()
+    with pytest.raises(TokenCompressError, match=r"missing agent\.zip.*checkpoints/latest"):
+        Compressor.load(partial)
+    # The checkpoint the message points to loads (its reference reconstructor is the run's).
+    comp = Compressor.load(partial / "checkpoints" / "latest", device="cpu")
+    assert comp.reference_dir == partial / "reference_reconstructor"
+
+    shutil.copy(run_dir / "agent.zip", partial / "agent.zip")
+    shutil.rmtree(partial / "reconstructor")
+    with pytest.raises(TokenCompressError, match="missing reconstructor"):
+        Compressor.load(partial)
+
+    corrupt = tmp_path / "corrupt"
+    shutil.copytree(run_dir, corrupt)
+    (corrupt / "agent.zip").write_bytes(b"not a zip file")
+    with pytest.raises(TokenCompressError, match=r"agent\.zip"):
+        Compressor.load(corrupt)
+    shutil.copy(run_dir / "agent.zip", corrupt / "agent.zip")
+    (corrupt / "config.json").write_text("{not json")
+    with pytest.raises(TokenCompressError, match=r"config\.json"):
+        Compressor.load(corrupt)
+    shutil.copy(run_dir / "config.json", corrupt / "config.json")
+    (corrupt / "reconstructor" / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(TokenCompressError, match="reconstructor"):
+        Compressor.load(corrupt)
+
+
+# ---------------------------------------------------------------------------- command line
+def _cli(args: list[str], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-m", "experiments.compress", *args], cwd=ROOT, env=env, input=stdin,
+                          capture_output=True, timeout=300)
+
+
+def test_cli_file_and_stdin(run_dir: Path, compressor: Compressor, tmp_path: Path) -> None:
+    text = PARAGRAPH * 2
+    expected = _compress_one(compressor, text, mask_rate=0.4)
+    file = tmp_path / "in.txt"
+    file.write_text(text, encoding="utf-8")
+    out = _cli(["--run", str(run_dir), "--mask_rate", "0.4", str(file)])
+    assert out.returncode == 0, out.stderr.decode()
+    assert out.stdout.decode().rstrip("\n") == expected.text
+
+    out = _cli(["--run", str(run_dir), "--mask-rate", "0.4", "--json", "--reconstruct", "--device", "cpu"], stdin=text.encode())
+    assert out.returncode == 0, out.stderr.decode()
+    data = json.loads(out.stdout)
+    assert data["text"] == expected.text and data["ids"] == expected.ids.tolist()
+    assert data["kept_mask"] == expected.kept_mask.astype(int).tolist()
+    assert data["origin_tokens"] == expected.origin_tokens and data["compressed_tokens"] == expected.compressed_tokens
+    assert data["requested_mask_rate"] == 0.4 and data["achieved_mask_rate"] == pytest.approx(expected.achieved_mask_rate)
+    assert data["reconstruction"] == compressor.reconstruct(expected) and data["reconstructor"] == "joint"
+
+
+def test_cli_user_errors_are_one_line(run_dir: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("  \n")
+    cases = [
+        ["--run", str(run_dir), str(empty)],
+        ["--run", str(run_dir), str(tmp_path / "missing.txt")],
+        ["--run", str(tmp_path / "no_run"), str(empty)],
+        ["--run", str(run_dir), "--mask_rate", "1.5", str(empty)],
+        ["--run", str(run_dir), "--mask_rate", "abc", str(empty)],
+        ["--run", str(run_dir), "--mask_rate", "0.3", "--target_tokens", "4", str(empty)],
+        [str(empty)],
+    ]
+    for argv in cases:
+        assert compress_main(argv) == 2, argv
+        err = capsys.readouterr().err
+        assert err.startswith("error: ") and err.count("\n") == 1, (argv, err)
+    bad_rate = tmp_path / "text.txt"
+    bad_rate.write_text(SHORT)
+    assert compress_main(["--run", str(run_dir), "--mask_rate", "nan", str(bad_rate)]) == 2
+    assert "[0, 1)" in capsys.readouterr().err
+
+
+def test_cli_process_error_and_invalid_utf8(run_dir: Path, tmp_path: Path) -> None:
+    out = _cli(["--run", str(tmp_path / "missing_run"), "-"], stdin=SHORT.encode())
+    assert out.returncode == 2 and b"Traceback" not in out.stderr and out.stderr.count(b"\n") == 1
+    raw = tmp_path / "latin1.txt"
+    raw.write_bytes(("Caf\xe9 cr\xe8me and " + PARAGRAPH).encode("latin-1"))
+    out = _cli(["--run", str(run_dir), "--target_tokens", "10", "--json", str(raw)])
+    assert out.returncode == 0, out.stderr.decode()
+    assert json.loads(out.stdout)["compressed_tokens"] == 10
+
+
+def test_benchmark_cli(run_dir: Path, tmp_path: Path) -> None:
+    from experiments.benchmark_compress import main as bench_main
+
+    data = tmp_path / "data.txt"
+    data.write_text(PARAGRAPH * 40)
+    out = tmp_path / "bench.json"
+    assert bench_main(["--run", str(run_dir), "--out", str(out), "--data", str(data), "--repeats", "1", "--device", "cpu"]) == 0
+    result = json.loads(out.read_text())
+    assert result["tokens"] > 0 and result["compress_tokens_per_s"] > 0 and result["self_information_tokens_per_s"] > 0
+    assert result["speedup"] == pytest.approx(result["compress_tokens_per_s"] / result["self_information_tokens_per_s"])
+
+
+def test_evaluate_runs_the_policy_through_the_shared_seam(run_dir: Path, tmp_path: Path) -> None:
+    from experiments.evaluate import main as evaluate_main
+
+    records = evaluate_main(["--run", str(run_dir), "--methods", "policy", "--mask_rates", "0.5", "--max_windows", "4",
+                             "--bootstrap", "10", "--device", "cpu", "--out", str(tmp_path / "eval")])
+    policy = [r for r in records if r["method"] == "policy"]
+    assert {r["reconstructor"] for r in policy} == {"reference", "joint"}
+    assert all(r["achieved_mask_rate"] == pytest.approx(0.5, abs=1e-9) for r in policy)

@@ -1,0 +1,660 @@
+"""The compression API: load a trained run and compress texts at an exact mask rate.
+
+Example::
+
+    from tokencompress_env import Compressor
+
+    compressor = Compressor.load("runs/quickstart")
+    result = compressor.compress("Some long text ...", mask_rate=0.4)
+    print(result.text, result.achieved_mask_rate)
+    print(compressor.reconstruct(result))  # the reconstructor's fill-in of the dropped tokens
+
+How a text is compressed:
+
+1. It is tokenised with the run's reconstructor tokenizer (no special tokens added) and cut into
+   ``ceil(n / seq_len)`` consecutive windows of near-equal length (``seq_len``: the policy's window, from
+   the run's ``config.json``); the last ones are right-padded. The windows of every text of a call go
+   through the policy together, ``batch_size`` windows per forward pass.
+2. Force-kept tokens: special tokens, tokens with a digit (``keep_digits``), and every token that
+   overlaps an occurrence of a ``force_keep`` string in the text (matched on characters, so occurrences
+   that cross a window boundary or start inside a word are found too).
+3. The policy sees each window as TokenMask-v0 showed it in training, at the start of an episode
+   (nothing decided yet, ``target_mask_rate`` = the requested rate, ``force_keep`` as above, and the
+   ``surprisal`` feature when the run observed it) and returns one mask logit per token
+   (:func:`window_mask_logits`, the one place that turns windows into policy logits; the evaluation uses
+   it too, through :func:`agent_logit_fn`).
+4. Exact rate control: in each window of ``n_w`` tokens, the ``min(round_half_up(rate * n_w),
+   maskable)`` maskable tokens with the highest logits are dropped (the ranking step of
+   :mod:`tokencompress_env.baselines`, :func:`~tokencompress_env.baselines.budget_mask`, that
+   :func:`~tokencompress_env.baselines.logits_to_mask` also uses). The mask rate is the fraction of the
+   text's tokens removed, as in the environment; with no force-kept token in a window this is exactly
+   ``logits_to_mask``. With ``target_tokens=N`` the ``n - N`` drops are spread over the windows in
+   proportion to their maskable tokens, so the compressed text has exactly ``N`` tokens whenever the
+   force-kept tokens allow it.
+
+Cost: one pass of the small policy network over the windows. **If the run observed surprisal**
+(``observe_surprisal`` in its config), the policy needs the reconstructor's surprisal of the original
+tokens, so :meth:`Compressor.compress` also runs one reconstructor forward pass per window and is about
+as slow as self-information scoring.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from tokencompress_env.baselines import LogitFn, budget_mask, mask_budget, segment_budgets
+from tokencompress_env.errors import InputError, ReconstructorLoadError, TokenCompressError
+from tokencompress_env.reconstructor import Reconstructor, resolve_device
+
+#: Observation ``decisions`` code of a token not decided yet (TokenMask-v0's ``UNDECIDED``).
+_UNDECIDED = 0
+#: Upper bound of the ``surprisal`` observation in bits (TokenMask-v0's ``MAX_SURPRISAL_BITS``).
+_MAX_SURPRISAL_BITS = 64.0
+#: Default mask rate when neither ``mask_rate`` nor ``target_tokens`` is given.
+DEFAULT_MASK_RATE = 0.4
+
+
+# ---------------------------------------------------------------------------- force-keep
+def special_and_digit_table(reconstructor: Reconstructor, keep_digits: bool) -> np.ndarray:
+    """Per-token-id force-keep flags: special tokens, and tokens containing an ASCII digit if asked.
+
+    Same rule as TokenMask-v0 (:func:`tokencompress_env.env.force_keep_mask`).
+
+    :param reconstructor: whose tokenizer defines the vocabulary
+    :param keep_digits: also flag every token that contains a digit
+    :return: ``[vocab]`` bool
+    """
+    tokenizer = reconstructor.tokenizer
+    size = max(reconstructor.vocab_size, len(tokenizer))
+    table = np.zeros(size, dtype=bool)
+    special = [i for i in tokenizer.all_special_ids if i is not None and 0 <= i < size]
+    table[special] = True
+    if keep_digits:
+        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+        digit = re.compile(r"[0-9]")
+        table[: len(tokens)] |= np.array([bool(t) and digit.search(t) is not None for t in tokens], dtype=bool)
+    return table
+
+
+_TABLES: dict[tuple[int, bool], np.ndarray] = {}
+
+
+def _cached_table(reconstructor: Reconstructor, keep_digits: bool) -> np.ndarray:
+    """:func:`special_and_digit_table`, computed once per tokenizer object and flag.
+
+    :param reconstructor: the reconstructor
+    :param keep_digits: flag digits
+    :return: ``[vocab]`` bool
+    """
+    key = (id(reconstructor.tokenizer), bool(keep_digits))
+    if key not in _TABLES:
+        _TABLES[key] = special_and_digit_table(reconstructor, keep_digits)
+    return _TABLES[key]
+
+
+def _string_spans(text: str, strings: Sequence[str]) -> list[tuple[int, int]]:
+    """Character spans of every occurrence (overlapping ones included) of each string in ``text``.
+
+    :param text: the text
+    :param strings: the strings to find
+    :return: ``(start, end)`` spans
+    """
+    spans = []
+    for s in strings:
+        if not s:
+            continue
+        start = text.find(s)
+        while start != -1:
+            spans.append((start, start + len(s)))
+            start = text.find(s, start + 1)
+    return spans
+
+
+# ---------------------------------------------------------------------------- policy logits (the one place)
+def window_mask_logits(
+    agent: Any,
+    token_ids: np.ndarray,
+    valid: np.ndarray,
+    force_keep: np.ndarray,
+    rate: float | np.ndarray,
+    surprisal_reconstructor: Reconstructor | None = None,
+    batch_size: int = 16,
+) -> np.ndarray:
+    """Per-token mask logits of a trained agent for whole windows, from the observation it saw in training.
+
+    Each window is shown as at the start of a TokenMask-v0 episode: nothing decided yet, ``position`` 0,
+    ``target_mask_rate`` = ``rate``, ``force_keep`` as given, and, when the policy observes it, the
+    ``surprisal`` of the original tokens under ``surprisal_reconstructor`` (clipped to ``[0, 64]`` bits,
+    as the environment does: one reconstructor forward pass per window). The policy's
+    ``token_mask_logits`` (agents package) gives one logit per position, ``-inf`` at padding and
+    force-kept positions. Batched: ``batch_size`` windows per forward pass, under ``torch.inference_mode``.
+
+    :param agent: an SB3 model whose policy has ``token_mask_logits``
+    :param token_ids: ``[N, seq_len]`` ids (padding id at padding)
+    :param valid: ``[N, seq_len]`` real positions
+    :param force_keep: ``[N, seq_len]`` force-kept positions
+    :param rate: target mask rate, one for all windows or ``[N]`` per window
+    :param surprisal_reconstructor: the reconstructor whose surprisal the policy observed (required
+        when the policy's observation space has ``surprisal``)
+    :param batch_size: windows per policy forward pass
+    :return: ``[N, seq_len]`` float32 mask logits (higher = drop first)
+    """
+    policy = agent.policy
+    space = agent.observation_space
+    keys = list(space.spaces)
+    ids = np.asarray(token_ids, dtype=np.int64)
+    seq_len = int(space["token_ids"].shape[0])
+    if ids.ndim != 2 or ids.shape[1] != seq_len:
+        raise InputError(f"the policy was trained on {seq_len}-token windows, got windows of shape {ids.shape}")
+    n = ids.shape[0]
+    rates = np.array(np.broadcast_to(np.asarray(rate, dtype=np.float32).reshape(-1), (n,)), dtype=np.float32)
+    observes_surprisal = "surprisal" in keys
+    if observes_surprisal and surprisal_reconstructor is None:
+        raise InputError("this policy observes the reconstructor's surprisal: pass surprisal_reconstructor")
+    device = policy.device
+    out = np.empty(ids.shape, dtype=np.float32)
+    policy.set_training_mode(False)
+    with torch.inference_mode():
+        for start in range(0, n, max(1, batch_size)):
+            sl = slice(start, min(start + batch_size, n))
+            ids_t = torch.from_numpy(ids[sl]).to(device)
+            valid_t = torch.from_numpy(np.asarray(valid[sl], dtype=bool)).to(device)
+            obs: dict[str, torch.Tensor] = {
+                "token_ids": ids_t,
+                "decisions": torch.full_like(ids_t, _UNDECIDED),
+                "valid": valid_t.long(),
+                "force_keep": torch.from_numpy(np.asarray(force_keep[sl], dtype=bool)).to(device).long(),
+                "position": torch.zeros((ids_t.shape[0], 1), dtype=torch.long, device=device),
+                "target_mask_rate": torch.from_numpy(rates[sl]).to(device)[:, None],
+            }
+            if observes_surprisal:
+                assert surprisal_reconstructor is not None
+                bits = surprisal_reconstructor.surprisal(ids[sl], np.asarray(valid[sl], dtype=bool))
+                obs["surprisal"] = bits.clamp(0.0, _MAX_SURPRISAL_BITS).float().to(device)
+            missing = [k for k in keys if k not in obs]
+            if missing:
+                raise InputError(f"the policy expects observation keys {missing} that TokenMask-v0 does not provide")
+            out[sl] = policy.token_mask_logits({k: obs[k] for k in keys}).float().cpu().numpy()
+    return out
+
+
+def agent_logit_fn(agent: Any, reconstructor: Reconstructor, batch_size: int = 64, keep_digits: bool = False) -> LogitFn:
+    """The agent as a :data:`~tokencompress_env.baselines.LogitFn` for the evaluation (see :func:`window_mask_logits`).
+
+    The ``force_keep`` observation follows the training environment's rule (special tokens, and digits
+    when the run was trained with ``keep_digits``).
+
+    :param agent: an SB3 model whose policy has ``token_mask_logits`` (agents package)
+    :param reconstructor: the run's reconstructor: its tokenizer defines the special tokens, and its
+        surprisal is the policy's ``surprisal`` feature when observed
+    :param batch_size: windows per policy forward pass
+    :param keep_digits: the run's ``keep_digits`` setting
+    :return: ``(input_ids, valid, rate) -> logits``
+    """
+
+    def logits(input_ids: np.ndarray, valid: np.ndarray, rate: float) -> np.ndarray:
+        ids = np.asarray(input_ids, dtype=np.int64)
+        valid_np = np.asarray(valid, dtype=bool)
+        table = _cached_table(reconstructor, keep_digits)
+        keep = table[np.clip(ids, 0, table.shape[0] - 1)] & valid_np
+        return window_mask_logits(agent, ids, valid_np, keep, rate, reconstructor, batch_size).astype(np.float64)
+
+    return logits
+
+
+# ---------------------------------------------------------------------------- windows
+def window_bounds(n_tokens: int, seq_len: int) -> np.ndarray:
+    """Cut ``n_tokens`` into ``ceil(n / seq_len)`` consecutive windows of near-equal length.
+
+    :param n_tokens: tokens of the text (at least 1)
+    :param seq_len: the longest window
+    :return: ``[W + 1]`` int64 boundaries (window ``w`` is ``[b[w], b[w+1])``)
+    """
+    n_windows = max(1, math.ceil(n_tokens / seq_len))
+    base, extra = divmod(n_tokens, n_windows)
+    sizes = np.full(n_windows, base, dtype=np.int64)
+    sizes[:extra] += 1
+    return np.concatenate([[0], np.cumsum(sizes)])
+
+
+# ---------------------------------------------------------------------------- results
+@dataclass
+class CompressionResult:
+    """One compressed text.
+
+    :param text: the compressed text (the kept tokens decoded)
+    :param ids: ``[compressed_tokens]`` ids of the kept tokens
+    :param kept_mask: ``[origin_tokens]`` bool, ``True`` where the original token is kept
+    :param origin_ids: ``[origin_tokens]`` ids of the original text
+    :param origin_tokens: tokens of the original text
+    :param compressed_tokens: tokens kept
+    :param requested_mask_rate: the requested fraction of tokens to remove (with ``target_tokens``:
+        ``1 - target_tokens / origin_tokens``)
+    :param achieved_mask_rate: the fraction actually removed, over the whole text
+    :param target_tokens: the requested compressed length, when given
+    :param windows: policy windows the text was cut into
+    :param force_kept: ``[origin_tokens]`` bool, tokens that could not be dropped
+    """
+
+    text: str
+    ids: np.ndarray
+    kept_mask: np.ndarray
+    origin_ids: np.ndarray
+    origin_tokens: int
+    compressed_tokens: int
+    requested_mask_rate: float
+    achieved_mask_rate: float
+    target_tokens: int | None = None
+    windows: int = 1
+    force_kept: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+
+    def to_dict(self, arrays: bool = True) -> dict[str, Any]:
+        """The fields as JSON-ready values.
+
+        :param arrays: include the id and mask arrays (as lists)
+        :return: the dict
+        """
+        out: dict[str, Any] = {
+            "text": self.text,
+            "origin_tokens": self.origin_tokens,
+            "compressed_tokens": self.compressed_tokens,
+            "requested_mask_rate": self.requested_mask_rate,
+            "achieved_mask_rate": self.achieved_mask_rate,
+            "target_tokens": self.target_tokens,
+            "windows": self.windows,
+        }
+        if arrays:
+            out["ids"] = self.ids.tolist()
+            out["kept_mask"] = self.kept_mask.astype(int).tolist()
+        return out
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    """Read a run's ``config.json``, with a clear error when it is unreadable.
+
+    :param path: the file
+    :return: the object
+    """
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise TokenCompressError(f"'{path}' is not a readable JSON file (corrupt?): {exc}") from None
+    if not isinstance(data, dict):
+        raise TokenCompressError(f"'{path}' must hold a JSON object")
+    return data
+
+
+# ---------------------------------------------------------------------------- the compressor
+class Compressor:
+    """A trained compression policy with its reconstructor, ready to compress texts.
+
+    Build it with :meth:`load`. See the module docstring for how texts are compressed.
+
+    :param agent: the trained SB3 model (policy with ``token_mask_logits``)
+    :param reconstructor: the run's jointly trained reconstructor (tokenizer, surprisal, fill-in)
+    :param config: the run's ``config.json``
+    :param reference_dir: the run's frozen reference reconstructor folder (loaded on first use)
+    :param batch_size: windows per policy forward pass
+    """
+
+    def __init__(
+        self,
+        agent: Any,
+        reconstructor: Reconstructor,
+        config: dict[str, Any],
+        reference_dir: Path | None = None,
+        batch_size: int = 16,
+    ) -> None:
+        self.agent = agent
+        self.reconstructor = reconstructor
+        self.tokenizer = reconstructor.tokenizer
+        self.config = config
+        self.reference_dir = reference_dir
+        self._reference: Reconstructor | None = None
+        self.batch_size = int(batch_size)
+        space = agent.observation_space
+        self.seq_len = int(space["token_ids"].shape[0])
+        self.observe_surprisal = "surprisal" in space.spaces
+        self.keep_digits = bool(config.get("keep_digits", False))
+        if self.seq_len > reconstructor.max_seq_len:
+            raise TokenCompressError(
+                f"the policy's {self.seq_len}-token window exceeds the reconstructor's context of {reconstructor.max_seq_len}"
+            )
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def load(cls, run_dir: str | Path, device: str = "auto", batch_size: int = 16) -> Compressor:
+        """Load a run folder written by ``experiments.train_ppo`` (or its ``checkpoints/latest`` folder).
+
+        Needs ``config.json``, ``agent.zip`` and ``reconstructor/`` (the jointly trained reconstructor);
+        ``reference_reconstructor/`` is only needed for ``reconstruct(..., reference=True)``.
+
+        :param run_dir: the run folder
+        :param device: ``"auto"`` (CUDA, MPS or CPU), ``"cpu"``, ``"cuda"``, ...
+        :param batch_size: windows per policy forward pass
+        :return: the compressor
+        :raises TokenCompressError: when the folder is missing, incomplete or corrupt (the message says
+            what is missing)
+        """
+        root = Path(run_dir).expanduser()
+        if not root.is_dir():
+            raise TokenCompressError(f"run folder '{run_dir}' does not exist: pass a folder written by experiments.train_ppo")
+        missing = [name for name in ("config.json", "agent.zip", "reconstructor") if not (root / name).exists()]
+        if missing:
+            hint = ""
+            latest = root / "checkpoints" / "latest"
+            if "agent.zip" in missing and (latest / "agent.zip").exists():
+                hint = f"; training has not finished, but a checkpoint exists: load '{latest}'"
+            raise TokenCompressError(f"run folder '{root}' is incomplete: missing {', '.join(missing)}{hint}")
+        config = _read_json(root / "config.json")
+        dev = resolve_device(device)
+        reconstructor = Reconstructor.from_pretrained(root / "reconstructor", device=dev)
+        agent = cls._load_agent(root / "agent.zip", str(config.get("algo", "ppo")), dev)
+        space = getattr(agent, "observation_space", None)
+        if space is None or "token_ids" not in getattr(space, "spaces", {}) or not hasattr(agent.policy, "token_mask_logits"):
+            raise TokenCompressError(f"'{root / 'agent.zip'}' is not a TokenMask-v0 agent of the agents package")
+        seq_len = int(space["token_ids"].shape[0])
+        if "seq_len" in config and int(config["seq_len"]) != seq_len:
+            raise TokenCompressError(f"config.json says seq_len={config['seq_len']} but the agent was trained on {seq_len}-token windows")
+        if bool(config.get("observe_surprisal", False)) != ("surprisal" in space.spaces):
+            raise TokenCompressError("config.json's observe_surprisal does not match the agent's observation space")
+        vocab = int(space["token_ids"].high.max()) + 1
+        if vocab != reconstructor.vocab_size:
+            raise TokenCompressError(f"the agent's vocabulary ({vocab}) differs from the reconstructor's ({reconstructor.vocab_size})")
+        reference = root / "reference_reconstructor"
+        if not reference.is_dir() and (root.parent.parent / "reference_reconstructor").is_dir():  # a checkpoint folder
+            reference = root.parent.parent / "reference_reconstructor"
+        return cls(agent, reconstructor, config, reference if reference.is_dir() else None, batch_size)
+
+    @staticmethod
+    def _load_agent(path: Path, algo: str, device: torch.device) -> Any:
+        """Load ``agent.zip`` with the algorithm class the run used.
+
+        :param path: the file
+        :param algo: the run's algorithm name
+        :param device: where to put the policy
+        :return: the SB3 model
+        """
+        try:
+            from agents.algorithms import get_algorithm
+        except ImportError as exc:
+            raise TokenCompressError(
+                f"cannot import the agents package ({exc}): reinstall the project with 'pip install -e .' from its root"
+            ) from None
+        try:
+            spec = get_algorithm(algo)
+        except ValueError as exc:
+            raise TokenCompressError(f"config.json names an unknown algo: {exc}") from None
+        try:
+            return spec.algo_class.load(str(path), device=str(device))
+        except Exception as exc:  # a bad zip, a pickle error, a shape mismatch: all a broken file
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise TokenCompressError(f"could not load '{path}' (corrupt or partial?): {type(exc).__name__}: {first}") from None
+
+    @property
+    def reference(self) -> Reconstructor:
+        """The run's frozen reference reconstructor (loaded on first use).
+
+        :return: the reconstructor
+        """
+        if self._reference is None:
+            if self.reference_dir is None:
+                raise ReconstructorLoadError("this run folder has no reference_reconstructor/")
+            self._reference = Reconstructor.from_pretrained(self.reference_dir, device=self.reconstructor.device)
+        return self._reference
+
+    # ------------------------------------------------------------------ validation
+    @staticmethod
+    def _check_texts(text_or_texts: str | Sequence[str]) -> tuple[list[str], bool]:
+        """Validate the input texts.
+
+        :param text_or_texts: one text or a sequence of them
+        :return: the texts and whether a single text was given
+        """
+        single = isinstance(text_or_texts, str)
+        if not single and not isinstance(text_or_texts, Sequence):
+            raise InputError(f"pass a text (str) or a list of texts, got {type(text_or_texts).__name__}")
+        texts: list[Any] = [text_or_texts] if single else list(text_or_texts)
+        if not texts:
+            raise InputError("no text given: pass a non-empty string or a list of them")
+        for i, t in enumerate(texts):
+            where = "" if single else f" (text {i})"
+            if not isinstance(t, str):
+                raise InputError(f"texts must be strings, got {type(t).__name__}{where}")
+            if not t.strip():
+                raise InputError(f"the text is empty or only whitespace{where}: give some text to compress")
+        return texts, single
+
+    @staticmethod
+    def _check_rate(mask_rate: float) -> float:
+        """Validate a mask rate.
+
+        :param mask_rate: the rate
+        :return: it as a float
+        """
+        if isinstance(mask_rate, bool) or not isinstance(mask_rate, numbers.Real):
+            raise InputError(f"mask_rate must be a number in [0, 1), got {mask_rate!r}")
+        rate = float(mask_rate)
+        if math.isnan(rate) or not 0.0 <= rate < 1.0:
+            raise InputError(f"mask_rate must be in [0, 1) (the fraction of tokens to remove), got {mask_rate}")
+        return rate
+
+    @staticmethod
+    def _check_targets(target_tokens: int | Sequence[int], counts: list[int], single: bool) -> list[int]:
+        """Validate ``target_tokens`` against each text's token count.
+
+        :param target_tokens: one target or one per text
+        :param counts: tokens of each text
+        :param single: a single text was given
+        :return: one target per text
+        """
+        targets: list[Any]
+        if isinstance(target_tokens, numbers.Integral):
+            targets = [target_tokens] * len(counts)
+        elif isinstance(target_tokens, Sequence) and not isinstance(target_tokens, str):
+            targets = list(target_tokens)
+        else:
+            raise InputError(f"target_tokens must be an integer (or one per text), got {target_tokens!r}")
+        if len(targets) != len(counts):
+            raise InputError(f"target_tokens has {len(targets)} values for {len(counts)} texts: give one, or one per text")
+        for i, (target, count) in enumerate(zip(targets, counts, strict=True)):
+            where = "" if single else f" (text {i})"
+            if isinstance(target, bool) or not isinstance(target, numbers.Integral):
+                raise InputError(f"target_tokens must be an integer, got {target!r}{where}")
+            if not 0 <= int(target) <= count:
+                raise InputError(f"target_tokens must be in [0, {count}] (the text's token count){where}, got {target}")
+        return [int(t) for t in targets]
+
+    # ------------------------------------------------------------------ compression
+    def tokenize(
+        self, texts: Sequence[str], force_keep: Sequence[str] = (), keep_digits: bool = False
+    ) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        """Token ids of each text and which of them are force-kept.
+
+        :param texts: the texts
+        :param force_keep: strings whose occurrences are kept (every token overlapping one)
+        :param keep_digits: keep every token that contains a digit
+        :return: per text, ``[n]`` int64 ids and ``[n]`` bool force-keep flags
+        """
+        want_offsets = bool(force_keep) and self.tokenizer.is_fast
+        enc = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=want_offsets, verbose=False)
+        table = _cached_table(self.reconstructor, keep_digits)
+        ids_list, keep_list = [], []
+        for i, text in enumerate(texts):
+            ids = np.asarray(enc["input_ids"][i], dtype=np.int64)
+            keep = table[np.clip(ids, 0, table.shape[0] - 1)]
+            if force_keep:
+                if want_offsets:
+                    offsets = np.asarray(enc["offset_mapping"][i], dtype=np.int64).reshape(-1, 2)
+                    for s, e in _string_spans(text, force_keep):
+                        keep |= (offsets[:, 0] < e) & (offsets[:, 1] > s)
+                else:  # slow tokenizers have no offsets: match token sequences as the environment does
+                    from tokencompress_env.env import force_keep_mask
+
+                    keep |= force_keep_mask(ids[None], np.ones((1, len(ids)), dtype=bool), self.reconstructor, False, tuple(force_keep))[0]
+            ids_list.append(ids)
+            keep_list.append(keep)
+        return ids_list, keep_list
+
+    def compress(
+        self,
+        text_or_texts: str | Sequence[str],
+        mask_rate: float | None = None,
+        target_tokens: int | Sequence[int] | None = None,
+        force_keep: str | Sequence[str] = (),
+        keep_digits: bool | None = None,
+    ) -> CompressionResult | list[CompressionResult]:
+        """Compress one text or a batch of texts at an exact mask rate (or to an exact token count).
+
+        Texts longer than the policy's window are compressed window by window (the budget applies per
+        window; the achieved rate is reported over the whole text); the windows of all texts go through
+        the policy in batched forward passes. If the run observed surprisal, this also runs the
+        reconstructor once per window (see the module docstring).
+
+        :param text_or_texts: a text, or a sequence of texts
+        :param mask_rate: fraction of tokens to remove, in ``[0, 1)`` (default 0.4 when ``target_tokens``
+            is not given either)
+        :param target_tokens: instead of ``mask_rate``: tokens to keep, one value for every text or one
+            per text, in ``[0, token count]``
+        :param force_keep: strings whose every occurrence is kept verbatim
+        :param keep_digits: keep every token with a digit (``None``: the run's training setting)
+        :return: a :class:`CompressionResult` for a single text, else a list of them in input order
+        :raises InputError: for an empty text, a mask rate outside ``[0, 1)`` or NaN, both or invalid
+            ``target_tokens``
+        """
+        texts, single = self._check_texts(text_or_texts)
+        if mask_rate is not None and target_tokens is not None:
+            raise InputError("give either mask_rate or target_tokens, not both")
+        if mask_rate is None:
+            mask_rate = DEFAULT_MASK_RATE if target_tokens is None else 0.0
+        rate = self._check_rate(mask_rate)
+        strings = (force_keep,) if isinstance(force_keep, str) else tuple(force_keep)
+        if any(not isinstance(s, str) for s in strings):
+            raise InputError("force_keep must be a string or a list of strings")
+        digits = self.keep_digits if keep_digits is None else bool(keep_digits)
+        ids_list, keep_list = self.tokenize(texts, strings, digits)
+        counts = [len(ids) for ids in ids_list]
+        for i, count in enumerate(counts):
+            if count == 0:
+                raise InputError(f"the text{'' if single else f' (text {i})'} has no tokens: give some text to compress")
+        targets = self._check_targets(target_tokens, counts, single) if target_tokens is not None else None
+
+        # Windows of all texts, padded to seq_len.
+        bounds = [window_bounds(n, self.seq_len) for n in counts]
+        n_windows = [len(b) - 1 for b in bounds]
+        total = sum(n_windows)
+        pad = self.reconstructor.pad_token_id
+        win_ids = np.full((total, self.seq_len), pad, dtype=np.int64)
+        win_valid = np.zeros((total, self.seq_len), dtype=bool)
+        win_keep = np.zeros((total, self.seq_len), dtype=bool)
+        row = 0
+        for ids, keep, b in zip(ids_list, keep_list, bounds, strict=True):
+            for w in range(len(b) - 1):
+                size = int(b[w + 1] - b[w])
+                win_ids[row, :size] = ids[b[w] : b[w + 1]]
+                win_keep[row, :size] = keep[b[w] : b[w + 1]]
+                win_valid[row, :size] = True
+                row += 1
+        maskable = win_valid & ~win_keep
+
+        # Budgets per window, and the rate each window's policy observation carries.
+        text_of_window = np.repeat(np.arange(len(texts)), n_windows)
+        if targets is None:
+            requested = np.full(len(texts), rate)
+            win_rate = np.full(total, rate)
+            budget = np.minimum(mask_budget(rate, win_valid), maskable.sum(axis=1))
+        else:
+            requested = np.array([1.0 - t / n for t, n in zip(targets, counts, strict=True)])
+            win_rate = requested[text_of_window]
+            budget = np.zeros(total, dtype=np.int64)
+            first = np.concatenate([[0], np.cumsum(n_windows)])
+            for i, (ids, keep, target) in enumerate(zip(ids_list, keep_list, targets, strict=True)):
+                drops = min(len(ids) - target, int((~keep).sum()))
+                # Spread the text's drops over its windows in proportion to their maskable tokens.
+                rows = slice(first[i], first[i + 1])
+                budget[rows] = segment_budgets(maskable[rows].reshape(1, -1), np.array([drops]), self.seq_len)[0]
+
+        logits = window_mask_logits(
+            self.agent, win_ids, win_valid, win_keep, win_rate.astype(np.float32),
+            self.reconstructor if self.observe_surprisal else None, self.batch_size,
+        )
+        dropped = budget_mask(logits, budget, maskable)
+
+        # Back to texts.
+        results: list[CompressionResult] = []
+        kept_all, row = [], 0
+        for b in bounds:
+            w = len(b) - 1
+            sizes = np.diff(b)
+            real = np.arange(self.seq_len)[None, :] < sizes[:, None]
+            kept_all.append(~dropped[row : row + w][real])
+            row += w
+        compressed_ids = [ids[kept] for ids, kept in zip(ids_list, kept_all, strict=True)]
+        decoded = self.tokenizer.batch_decode([c.tolist() for c in compressed_ids])
+        for i, ids in enumerate(ids_list):
+            kept = kept_all[i]
+            n_kept = int(kept.sum())
+            results.append(
+                CompressionResult(
+                    text=decoded[i],
+                    ids=compressed_ids[i],
+                    kept_mask=kept,
+                    origin_ids=ids,
+                    origin_tokens=len(ids),
+                    compressed_tokens=n_kept,
+                    requested_mask_rate=float(requested[i]),
+                    achieved_mask_rate=1.0 - n_kept / len(ids),
+                    target_tokens=None if targets is None else targets[i],
+                    windows=n_windows[i],
+                    force_kept=keep_list[i],
+                )
+            )
+        return results[0] if single else results
+
+    # ------------------------------------------------------------------ reconstruction
+    def reconstruct_ids(self, result: CompressionResult, reference: bool = False) -> np.ndarray:
+        """The reconstructor's greedy fill-in of the dropped tokens, as ids of the whole text.
+
+        The text is cut into the same windows as in :meth:`compress`; each dropped token is replaced by
+        the reconstructor's top guess given the compressed prefix of its window. Kept tokens are unchanged.
+
+        :param result: a result of :meth:`compress`
+        :param reference: use the frozen reference reconstructor instead of the jointly trained one
+        :return: ``[origin_tokens]`` int64 ids
+        """
+        model = self.reference if reference else self.reconstructor
+        ids = np.asarray(result.origin_ids, dtype=np.int64)
+        kept = np.asarray(result.kept_mask, dtype=bool)
+        if ids.shape != kept.shape or ids.ndim != 1 or len(ids) == 0:
+            raise InputError("result.origin_ids and result.kept_mask must be non-empty and of the same length")
+        b = window_bounds(len(ids), self.seq_len)
+        sizes = np.diff(b)
+        real = np.arange(self.seq_len)[None, :] < sizes[:, None]
+        win_ids = np.full(real.shape, model.pad_token_id, dtype=np.int64)
+        win_mask = np.zeros(real.shape, dtype=bool)
+        win_ids[real], win_mask[real] = ids, ~kept
+        out = np.empty(real.shape, dtype=np.int64)
+        with torch.inference_mode():
+            for start in range(0, len(win_ids), self.batch_size):
+                sl = slice(start, start + self.batch_size)
+                out[sl] = model.fill(win_ids[sl], win_mask[sl], real[sl]).cpu().numpy()
+        return out[real]
+
+    def reconstruct(self, result: CompressionResult, reference: bool = False) -> str:
+        """The reconstructor's fill-in of a compressed text, decoded (kept tokens unchanged).
+
+        :param result: a result of :meth:`compress`
+        :param reference: use the frozen reference reconstructor instead of the jointly trained one
+        :return: the reconstructed text
+        """
+        return str(self.tokenizer.decode(self.reconstruct_ids(result, reference).tolist()))
