@@ -19,7 +19,7 @@ from experiments.train_ppo import TrainConfig, train
 from tokencompress_env import CompressionResult, Compressor
 from tokencompress_env.baselines import logits_to_mask, mask_budget, policy_method
 from tokencompress_env.compressor import agent_logit_fn, window_bounds, window_mask_logits
-from tokencompress_env.errors import InputError, TokenCompressError
+from tokencompress_env.errors import CheckpointError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "experiments" / "configs" / "dev" / "debug.json"
@@ -218,17 +218,17 @@ def test_surprisal_observing_run(tmp_path: Path, test_reconstructor_dir: Path) -
 
 # ---------------------------------------------------------------------------- loading
 def test_load_errors_name_what_is_missing(run_dir: Path, tmp_path: Path) -> None:
-    with pytest.raises(TokenCompressError, match="does not exist"):
+    with pytest.raises(CheckpointError, match="does not exist"):
         Compressor.load(tmp_path / "nope")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(TokenCompressError, match=r"config\.json, agent\.zip, reconstructor"):
+    with pytest.raises(CheckpointError, match=r"config\.json, agent\.zip, reconstructor"):
         Compressor.load(empty)
 
     partial = tmp_path / "partial"
     shutil.copytree(run_dir, partial)
     (partial / "agent.zip").unlink()
-    with pytest.raises(TokenCompressError, match=r"missing agent\.zip.*checkpoints/latest"):
+    with pytest.raises(CheckpointError, match=r"missing agent\.zip.*checkpoints/latest"):
         Compressor.load(partial)
     # The checkpoint the message points to loads (its reference reconstructor is the run's).
     comp = Compressor.load(partial / "checkpoints" / "latest", device="cpu")
@@ -236,21 +236,21 @@ def test_load_errors_name_what_is_missing(run_dir: Path, tmp_path: Path) -> None
 
     shutil.copy(run_dir / "agent.zip", partial / "agent.zip")
     shutil.rmtree(partial / "reconstructor")
-    with pytest.raises(TokenCompressError, match="missing reconstructor"):
+    with pytest.raises(CheckpointError, match="missing reconstructor"):
         Compressor.load(partial)
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(run_dir, corrupt)
     (corrupt / "agent.zip").write_bytes(b"not a zip file")
-    with pytest.raises(TokenCompressError, match=r"agent\.zip"):
+    with pytest.raises(CheckpointError, match=r"agent\.zip"):
         Compressor.load(corrupt)
     shutil.copy(run_dir / "agent.zip", corrupt / "agent.zip")
     (corrupt / "config.json").write_text("{not json")
-    with pytest.raises(TokenCompressError, match=r"config\.json"):
+    with pytest.raises(CheckpointError, match=r"config\.json"):
         Compressor.load(corrupt)
     shutil.copy(run_dir / "config.json", corrupt / "config.json")
     (corrupt / "reconstructor" / "model.safetensors").write_bytes(b"garbage")
-    with pytest.raises(TokenCompressError, match="reconstructor"):
+    with pytest.raises(CheckpointError, match="reconstructor"):
         Compressor.load(corrupt)
 
 

@@ -53,7 +53,7 @@ import numpy as np
 import torch
 
 from tokencompress_env.baselines import LogitFn, budget_mask, mask_budget, segment_budgets
-from tokencompress_env.errors import InputError, ReconstructorLoadError, TokenCompressError
+from tokencompress_env.errors import CheckpointError, InputError, ReconstructorLoadError, TokenCompressError
 from tokencompress_env.reconstructor import Reconstructor, resolve_device
 
 #: Observation ``decisions`` code of a token not decided yet (TokenMask-v0's ``UNDECIDED``).
@@ -288,9 +288,9 @@ def _read_json(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise TokenCompressError(f"'{path}' is not a readable JSON file (corrupt?): {exc}") from None
+        raise CheckpointError(f"'{path}' is not a readable JSON file (corrupt?): {exc}") from None
     if not isinstance(data, dict):
-        raise TokenCompressError(f"'{path}' must hold a JSON object")
+        raise CheckpointError(f"'{path}' must hold a JSON object")
     return data
 
 
@@ -327,7 +327,7 @@ class Compressor:
         self.observe_surprisal = "surprisal" in space.spaces
         self.keep_digits = bool(config.get("keep_digits", False))
         if self.seq_len > reconstructor.max_seq_len:
-            raise TokenCompressError(
+            raise CheckpointError(
                 f"the policy's {self.seq_len}-token window exceeds the reconstructor's context of {reconstructor.max_seq_len}"
             )
 
@@ -343,34 +343,37 @@ class Compressor:
         :param device: ``"auto"`` (CUDA, MPS or CPU), ``"cpu"``, ``"cuda"``, ...
         :param batch_size: windows per policy forward pass
         :return: the compressor
-        :raises TokenCompressError: when the folder is missing, incomplete or corrupt (the message says
-            what is missing)
+        :raises CheckpointError: when the folder is missing, incomplete or corrupt (the message says
+            what is missing; a :class:`TokenCompressError`)
         """
         root = Path(run_dir).expanduser()
         if not root.is_dir():
-            raise TokenCompressError(f"run folder '{run_dir}' does not exist: pass a folder written by experiments.train_ppo")
+            raise CheckpointError(f"run folder '{run_dir}' does not exist: pass a folder written by experiments.train_ppo")
         missing = [name for name in ("config.json", "agent.zip", "reconstructor") if not (root / name).exists()]
         if missing:
             hint = ""
             latest = root / "checkpoints" / "latest"
             if "agent.zip" in missing and (latest / "agent.zip").exists():
                 hint = f"; training has not finished, but a checkpoint exists: load '{latest}'"
-            raise TokenCompressError(f"run folder '{root}' is incomplete: missing {', '.join(missing)}{hint}")
+            raise CheckpointError(f"run folder '{root}' is incomplete: missing {', '.join(missing)}{hint}")
         config = _read_json(root / "config.json")
         dev = resolve_device(device)
-        reconstructor = Reconstructor.from_pretrained(root / "reconstructor", device=dev)
+        try:
+            reconstructor = Reconstructor.from_pretrained(root / "reconstructor", device=dev)
+        except ReconstructorLoadError as exc:
+            raise CheckpointError(f"the run's reconstructor/ cannot be loaded: {exc}") from None
         agent = cls._load_agent(root / "agent.zip", str(config.get("algo", "ppo")), dev)
         space = getattr(agent, "observation_space", None)
         if space is None or "token_ids" not in getattr(space, "spaces", {}) or not hasattr(agent.policy, "token_mask_logits"):
-            raise TokenCompressError(f"'{root / 'agent.zip'}' is not a TokenMask-v0 agent of the agents package")
+            raise CheckpointError(f"'{root / 'agent.zip'}' is not a TokenMask-v0 agent of the agents package")
         seq_len = int(space["token_ids"].shape[0])
         if "seq_len" in config and int(config["seq_len"]) != seq_len:
-            raise TokenCompressError(f"config.json says seq_len={config['seq_len']} but the agent was trained on {seq_len}-token windows")
+            raise CheckpointError(f"config.json says seq_len={config['seq_len']} but the agent was trained on {seq_len}-token windows")
         if bool(config.get("observe_surprisal", False)) != ("surprisal" in space.spaces):
-            raise TokenCompressError("config.json's observe_surprisal does not match the agent's observation space")
+            raise CheckpointError("config.json's observe_surprisal does not match the agent's observation space")
         vocab = int(space["token_ids"].high.max()) + 1
         if vocab != reconstructor.vocab_size:
-            raise TokenCompressError(f"the agent's vocabulary ({vocab}) differs from the reconstructor's ({reconstructor.vocab_size})")
+            raise CheckpointError(f"the agent's vocabulary ({vocab}) differs from the reconstructor's ({reconstructor.vocab_size})")
         reference = root / "reference_reconstructor"
         if not reference.is_dir() and (root.parent.parent / "reference_reconstructor").is_dir():  # a checkpoint folder
             reference = root.parent.parent / "reference_reconstructor"
@@ -394,12 +397,12 @@ class Compressor:
         try:
             spec = get_algorithm(algo)
         except ValueError as exc:
-            raise TokenCompressError(f"config.json names an unknown algo: {exc}") from None
+            raise CheckpointError(f"config.json names an unknown algo: {exc}") from None
         try:
             return spec.algo_class.load(str(path), device=str(device))
         except Exception as exc:  # a bad zip, a pickle error, a shape mismatch: all a broken file
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-            raise TokenCompressError(f"could not load '{path}' (corrupt or partial?): {type(exc).__name__}: {first}") from None
+            raise CheckpointError(f"could not load '{path}' (corrupt or partial?): {type(exc).__name__}: {first}") from None
 
     @property
     def reference(self) -> Reconstructor:
