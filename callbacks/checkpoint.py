@@ -115,6 +115,13 @@ def load_checkpoint_state(folder: Path) -> dict[str, Any]:
         int(state["num_timesteps"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise CheckpointError(_unusable(folder, "is corrupt (unreadable state.json)")) from None
+    optimizer = folder / "reconstructor_optimizer.pt"
+    if optimizer.exists():  # read it now, so a resume fails before it writes anything
+        try:
+            torch.load(optimizer, map_location="cpu", weights_only=True)
+        except Exception as exc:  # truncated or garbage file
+            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            raise CheckpointError(_unusable(folder, f"is corrupt (reconstructor_optimizer.pt: {first})")) from None
     return dict(state)
 
 
