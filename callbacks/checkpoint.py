@@ -120,7 +120,7 @@ def load_checkpoint_state(folder: Path) -> dict[str, Any]:
         try:
             torch.load(optimizer, map_location="cpu", weights_only=True)
         except Exception as exc:  # truncated or garbage file
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            first = str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(_unusable(folder, f"is corrupt (reconstructor_optimizer.pt: {first})")) from None
     return dict(state)
 

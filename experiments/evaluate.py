@@ -150,7 +150,7 @@ def load_run(run_dir: str | Path, device: str = "auto", load_agent: bool = True)
     """
     root = Path(run_dir).expanduser()
     if not root.is_dir():
-        raise InputError(f"run folder '{run_dir}' does not exist")
+        raise InputError(f"run folder '{run_dir}' does not exist: pass a folder written by experiments.train_ppo")
     config: dict[str, Any] = {}
     problems: list[str] = []
     if (root / "config.json").is_file():
@@ -244,7 +244,10 @@ def run_evaluation(config: EvaluateConfig) -> list[dict[str, Any]]:
         for problem in bundle.problems:
             print(f"note: {problem}", file=sys.stderr)
         if POLICY in methods_wanted and bundle.agent is None:
-            raise InputError(f"cannot evaluate 'policy': {'; '.join(bundle.problems)}")
+            raise InputError(
+                f"cannot evaluate 'policy': {'; '.join(bundle.problems)}. "
+                "Finish the run (experiments.train_ppo --resume true) or leave 'policy' out of --methods"
+            )
         reference = bundle.reference
         scorers = {"reference": reference} | ({"joint": bundle.joint} if bundle.joint is not None else {})
         corpus = str(bundle.config.get("corpus", EMBEDDED))
@@ -263,7 +266,10 @@ def run_evaluation(config: EvaluateConfig) -> list[dict[str, Any]]:
         bundle = None
     seq_len = config.seq_len or default_seq_len
     if seq_len > reference.max_seq_len:
-        raise ConfigError(f"seq_len {seq_len} exceeds the reconstructor's context of {reference.max_seq_len} tokens")
+        raise ConfigError(
+            f"seq_len {seq_len} exceeds the reconstructor's context of {reference.max_seq_len} tokens: "
+            f"pass --seq_len {reference.max_seq_len} or less"
+        )
 
     if config.data:
         windows = file_windows(config.data, reference, seq_len)

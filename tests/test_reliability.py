@@ -284,7 +284,7 @@ CASES = [
         ("seq_len 1024 exceeds the reconstructor's context of 255", "--seq_len 240"),
         subprocess=True,
     ),
-    Case("eval-seq-len", "evaluate", (*EVAL, "--seq_len", "4096"), ("seq_len 4096 exceeds the reconstructor's context",)),
+    Case("eval-seq-len", "evaluate", (*EVAL, "--seq_len", "4096"), ("seq_len 4096 exceeds the reconstructor's context", "--seq_len 255")),
     Case("prep-seq-len", "prepare_data", (*PREP, "--max_length", "1000"), ("max_length 1000 exceeds", "--max_length 255")),
     Case("pretrain-seq-len", "pretrain_reconstructor", (*PRETRAIN, "--seq_len", "1000"), ("seq_len must be in [2, 255]",)),
     # ---- a hub model or dataset name while offline
@@ -351,7 +351,7 @@ CASES = [
         "eval-unfinished-run",
         "evaluate",
         ("--run", "{runs}/reference_only", "--out", "{out}", "--max_windows", "4"),
-        ("cannot evaluate 'policy'", "no agent.zip"),
+        ("cannot evaluate 'policy'", "no agent.zip", "--resume true"),
         damaged="reference_only",
     ),
     # ---- a corrupt checkpoint
