@@ -97,6 +97,10 @@ class LocalContextExtractor(BaseFeaturesExtractor):
     :param chunk_size: Number of tokens decided per step (the action size); used by the flat summary
     :param dropout: Dropout probability inside the convolution blocks
     :param surprisal_scale: Surprisal (bits) is divided by this before entering the network
+    :param use_decisions: Feed the decisions made so far into the features. ``False`` makes every logit a
+        function of the window's tokens and the target rate alone, so one forward pass over a whole window
+        (``token_mask_logits``, used by ``compress()`` and the evaluation) gives exactly the logits the
+        policy acted on during training: a one-pass ranker
     """
 
     def __init__(
@@ -109,6 +113,7 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         chunk_size: int = 16,
         dropout: float = 0.0,
         surprisal_scale: float = 8.0,
+        use_decisions: bool = True,
     ) -> None:
         if not isinstance(observation_space, spaces.Dict):
             raise TypeError(f"LocalContextExtractor needs a Dict observation space, got {type(observation_space).__name__}")
@@ -125,6 +130,7 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         self.chunk_size = chunk_size
         self.use_surprisal = SURPRISAL_KEY in observation_space.spaces
         self.surprisal_scale = surprisal_scale
+        self.use_decisions = use_decisions
         # scalar per-token inputs: target rate, valid, force_keep (+ surprisal)
         n_scalars = 3 + int(self.use_surprisal)
 
@@ -154,6 +160,8 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         scalars = [rate, valid, force_keep]
         if self.use_surprisal:
             scalars.append(observations[SURPRISAL_KEY].float() / self.surprisal_scale)
+        if not self.use_decisions:
+            decisions = th.zeros_like(decisions)
         x = self.token_proj(self.token_embedding(ids)) + self.decision_embedding(decisions) + self.scalar_proj(th.stack(scalars, dim=-1))
         valid_3d = valid.unsqueeze(-1)
         for block in self.blocks:

@@ -144,7 +144,7 @@ class ReconstructorFinetuneCallback(BaseCallback):
         ids_t = torch.as_tensor(ids, dtype=torch.long)
         mask_t = torch.as_tensor(mask, dtype=torch.bool)
         valid_t = torch.as_tensor(valid, dtype=torch.bool)
-        n_random = int(round(self.batch_size * self.random_mask_fraction))
+        n_random = round(self.batch_size * self.random_mask_fraction)
         losses: list[float] = []
         with train_mode(self.reconstructor.model):
             for _ in range(self.gradient_steps):

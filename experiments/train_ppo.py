@@ -34,9 +34,11 @@ from typing import Any
 import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import CallbackList
+from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecMonitor
 
 from agents.algorithms import canonical_name, get_algorithm, make_model
+from agents.distill import distill_policy
 from callbacks.checkpoint import (
     JointCheckpointCallback,
     load_checkpoint_state,
@@ -86,7 +88,13 @@ class TrainConfig:
     :param gae_lambda: GAE lambda
     :param ent_coef: entropy bonus
     :param clip_range: PPO clip range
-    :param embed_dim: width of the policy's token features
+    :param embed_dim: width of the policy's token embedding
+    :param use_decisions: let the policy see the decisions made so far; ``False`` (default) makes it a
+        one-pass ranker whose whole-window logits (used by ``compress()`` and the evaluation) are exactly
+        those it acted on in training
+    :param distill_steps: steps of policy warm start by distillation from the reconstructor before RL (0: none)
+    :param distill_batch_size: windows per distillation step
+    :param distill_lr: learning rate of the distillation
     :param joint_training: fine-tune the reconstructor between rollouts
     :param reconstructor_lr: learning rate of the reconstructor fine-tuning
     :param reconstructor_steps: optimizer steps per fine-tuning round
@@ -127,7 +135,11 @@ class TrainConfig:
     gae_lambda: float = 0.95
     ent_coef: float = 0.0
     clip_range: float = 0.2
-    embed_dim: int = 128
+    embed_dim: int = 192
+    use_decisions: bool = False
+    distill_steps: int = 0
+    distill_batch_size: int = 32
+    distill_lr: float = 1e-3
     joint_training: bool = True
     reconstructor_lr: float = 5e-5
     reconstructor_steps: int = 4
@@ -288,7 +300,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         model = make_model(
             config.algo,
             env,
-            features_extractor_kwargs={"embed_dim": config.embed_dim},
+            features_extractor_kwargs={"embed_dim": config.embed_dim, "use_decisions": config.use_decisions},
             tensorboard_log=tensorboard_log,
             **_algo_kwargs(config),
         )
@@ -312,6 +324,27 @@ def train(config: TrainConfig) -> dict[str, Any]:
     )
     if finetune is not None and config.resume:
         load_reconstructor_optimizer(finetune, latest)
+    distill_report = None
+    if config.distill_steps > 0 and not config.resume:
+        windows = env.venv.venv.core.windows  # type: ignore[attr-defined]
+        distill_logger = configure(str(run_dir / "tb" / "distill"), ["tensorboard"]) if config.tensorboard else None
+        distill_report = distill_policy(
+            model.policy,
+            reconstructor,
+            windows.token_ids,
+            windows.valid,
+            windows.force_keep,
+            steps=config.distill_steps,
+            batch_size=config.distill_batch_size,
+            learning_rate=config.distill_lr,
+            rate_range=(config.mask_rate_min, config.mask_rate_max),
+            observe_surprisal=config.observe_surprisal,
+            seed=config.seed,
+            progress=config.progress_bar,
+            logger=distill_logger,
+        )
+        if distill_logger is not None:
+            distill_logger.close()
     checkpoint = JointCheckpointCallback(config.save_freq, run_dir, reconstructor, finetune, resolved, verbose=config.verbose)
     callbacks = [CompressionMetricsCallback(), *([finetune] if finetune else []), checkpoint]
     interrupted = False
@@ -344,6 +377,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "seconds": seconds,
         "interrupted": interrupted,
         "finetune_rounds": finetune.rounds if finetune else 0,
+        "distillation": distill_report,
         "last_reconstructor_loss": finetune.last_loss if finetune else None,
         "logged": {k: v for k, v in model.logger.name_to_value.items()} if hasattr(model, "logger") else {},
     }

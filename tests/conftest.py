@@ -20,8 +20,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from tokencompress_env.data import CorpusSpec, prepare_corpus, window_array  # noqa: E402
-from tokencompress_env.reconstructor import Reconstructor, default_reconstructor_dir  # noqa: E402
+from tokencompress_env.data import CorpusSpec, prepare_corpus, window_array
+from tokencompress_env.reconstructor import Reconstructor, default_reconstructor_dir
 
 #: Window length used with the test reconstructor.
 TEST_SEQ_LEN = 64

@@ -95,8 +95,14 @@ def test_make_without_arguments_in_fresh_subprocess(test_reconstructor_dir: Path
         "print(obs['token_ids'].shape[0], env.unwrapped.chunk_size, type(r).__name__, info['n_decided'])\n"
     )
     child_env = {**os.environ, "TOKENCOMPRESS_HOME": str(tc_home), "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
-    done = subprocess.run([sys.executable, "-c", code], env=child_env, capture_output=True, text=True, timeout=300,
-                          cwd=str(Path(__file__).resolve().parents[1]))
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        env=child_env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(Path(__file__).resolve().parents[1]),
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split() == ["128", "16", "float", "16"]
 
@@ -106,8 +112,9 @@ def test_gymnasium_check_env(test_reconstructor_dir: Path, test_windows: dict[st
     from gymnasium.utils.env_checker import check_env
 
     for kwargs in ({}, {"observe_surprisal": True, "reward_type": "simple", "keep_digits": True}):
-        env = gym.make(ENV_ID, reconstructor=str(test_reconstructor_dir), seq_len=TEST_SEQ_LEN, chunk_size=CHUNK, render_mode="ansi",
-                       **kwargs)
+        env = gym.make(
+            ENV_ID, reconstructor=str(test_reconstructor_dir), seq_len=TEST_SEQ_LEN, chunk_size=CHUNK, render_mode="ansi", **kwargs
+        )
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
             check_env(env.unwrapped)
@@ -207,8 +214,9 @@ def test_invalid_arguments_raise_clear_errors(test_reconstructor: Reconstructor,
         env.step(np.zeros(CHUNK + 1, dtype=np.int8))
 
 
-def test_set_reconstructor_applies_from_next_episode(test_reconstructor: Reconstructor, fresh_reconstructor: Reconstructor,
-                                                     windows: np.ndarray) -> None:
+def test_set_reconstructor_applies_from_next_episode(
+    test_reconstructor: Reconstructor, fresh_reconstructor: Reconstructor, windows: np.ndarray
+) -> None:
     env = make_env(test_reconstructor, windows)
     env.reset(seed=0)
     env.set_reconstructor(fresh_reconstructor)
@@ -273,8 +281,9 @@ def test_simple_reward_counts_recovered_and_wrong_drops(test_reconstructor: Reco
 
 
 @pytest.mark.parametrize("reward_type", ["info_theoretic", "simple"])
-def test_rate_shaping_telescopes_and_collapse_does_not_pay(test_reconstructor: Reconstructor, windows: np.ndarray,
-                                                           reward_type: str) -> None:
+def test_rate_shaping_telescopes_and_collapse_does_not_pay(
+    test_reconstructor: Reconstructor, windows: np.ndarray, reward_type: str
+) -> None:
     env = make_env(test_reconstructor, windows, reward_type=reward_type)
     penalty = env.reward_config.effective_rate_penalty
     target = 0.5

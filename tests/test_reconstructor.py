@@ -136,7 +136,9 @@ def test_pretraining_resumes_from_checkpoint(fresh_reconstructor, test_windows, 
 
 def test_pretraining_writes_tensorboard(fresh_reconstructor, test_windows, tmp_path):
     config = PretrainConfig(steps=2, batch_size=2, warmup_steps=1, eval_every=0, eval_windows=4, checkpoint_every=0)
-    pretrain(fresh_reconstructor, test_windows["train"], test_windows["validation"], config, tensorboard_dir=tmp_path / "tb", progress=False)
+    pretrain(
+        fresh_reconstructor, test_windows["train"], test_windows["validation"], config, tensorboard_dir=tmp_path / "tb", progress=False
+    )
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     events = EventAccumulator(str(tmp_path / "tb"))
@@ -182,7 +184,7 @@ def test_missing_and_corrupt_directories(test_reconstructor_dir, tmp_path):
     with pytest.raises(ReconstructorLoadError, match="does not exist"):
         Reconstructor.from_pretrained(str(tmp_path / "missing" / "dir"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(ReconstructorLoadError, match="config.json"):
+    with pytest.raises(ReconstructorLoadError, match=r"config\.json"):
         Reconstructor.from_pretrained(tmp_path / "empty")
     import shutil
 

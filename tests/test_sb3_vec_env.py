@@ -20,8 +20,14 @@ STEPS = TEST_SEQ_LEN // CHUNK
 
 @pytest.fixture()
 def vec_env(test_reconstructor: Reconstructor, test_windows: dict[str, np.ndarray]) -> TokenMaskSB3VecEnv:
-    return TokenMaskSB3VecEnv(num_envs=N, reconstructor=test_reconstructor, windows=test_windows["train"][:64], seq_len=TEST_SEQ_LEN,
-                              chunk_size=CHUNK, keep_digits=True)
+    return TokenMaskSB3VecEnv(
+        num_envs=N,
+        reconstructor=test_reconstructor,
+        windows=test_windows["train"][:64],
+        seq_len=TEST_SEQ_LEN,
+        chunk_size=CHUNK,
+        keep_digits=True,
+    )
 
 
 def test_vec_env_protocol(vec_env: TokenMaskSB3VecEnv) -> None:
@@ -75,8 +81,7 @@ def test_vec_monitor_reports_episode_return(vec_env: TokenMaskSB3VecEnv) -> None
 
 def test_ppo_smoke_2000_steps(vec_env: TokenMaskSB3VecEnv) -> None:
     env = VecMonitor(vec_env)
-    model = PPO("MultiInputPolicy", env, n_steps=64, batch_size=128, n_epochs=1, seed=0, device="cpu",
-                policy_kwargs={"net_arch": [32]})
+    model = PPO("MultiInputPolicy", env, n_steps=64, batch_size=128, n_epochs=1, seed=0, device="cpu", policy_kwargs={"net_arch": [32]})
     model.learn(total_timesteps=2000)
     assert model.num_timesteps >= 2000
     assert len(model.ep_info_buffer) == model.ep_info_buffer.maxlen  # 500 episodes ended, the last 100 are kept

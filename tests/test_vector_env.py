@@ -26,8 +26,14 @@ def windows(test_windows: dict[str, np.ndarray]) -> np.ndarray:
 
 
 def test_make_vec_returns_native_vector_env(test_reconstructor_dir: Path, test_windows: dict[str, np.ndarray]) -> None:
-    venv = gym.make_vec(ENV_ID, num_envs=N, vectorization_mode="vector_entry_point", reconstructor=str(test_reconstructor_dir),
-                        seq_len=TEST_SEQ_LEN, chunk_size=CHUNK)
+    venv = gym.make_vec(
+        ENV_ID,
+        num_envs=N,
+        vectorization_mode="vector_entry_point",
+        reconstructor=str(test_reconstructor_dir),
+        seq_len=TEST_SEQ_LEN,
+        chunk_size=CHUNK,
+    )
     assert isinstance(venv, TokenMaskVectorEnv)
     assert venv.metadata["autoreset_mode"] == AutoresetMode.SAME_STEP
     assert venv.spec is not None and '"num_envs": 4' in venv.spec.to_json()
@@ -47,8 +53,13 @@ def _assert_obs_equal(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> Non
 
 @pytest.mark.parametrize("observe_surprisal", [False, True])
 def test_batched_equals_single(test_reconstructor: Reconstructor, windows: np.ndarray, observe_surprisal: bool) -> None:
-    kwargs = {"reconstructor": test_reconstructor, "windows": windows, "seq_len": TEST_SEQ_LEN, "chunk_size": CHUNK,
-              "observe_surprisal": observe_surprisal}
+    kwargs = {
+        "reconstructor": test_reconstructor,
+        "windows": windows,
+        "seq_len": TEST_SEQ_LEN,
+        "chunk_size": CHUNK,
+        "observe_surprisal": observe_surprisal,
+    }
     venv = TokenMaskVectorEnv(num_envs=N, **kwargs)  # type: ignore[arg-type]
     singles = [TokenMaskEnv(**kwargs) for _ in range(N)]  # type: ignore[arg-type]
     obs, infos = venv.reset(seed=42)

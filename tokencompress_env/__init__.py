@@ -36,7 +36,15 @@ def __getattr__(name: str) -> Any:
 
 
 __all__ = [
-    "ENV_ID", "CompressionResult", "Compressor", "Reconstructor", "RewardConfig", "ScoreResult",
-    "TokenMaskEnv", "TokenMaskSB3VecEnv", "TokenMaskVectorEnv", "register_envs",
+    "ENV_ID",
+    "CompressionResult",
+    "Compressor",
+    "Reconstructor",
+    "RewardConfig",
+    "ScoreResult",
+    "TokenMaskEnv",
+    "TokenMaskSB3VecEnv",
+    "TokenMaskVectorEnv",
+    "register_envs",
 ]
 __version__ = "0.1.0"

@@ -91,8 +91,9 @@ def corpus_windows(corpus: str, split: str, seq_len: int, reconstructor: Reconst
     return array
 
 
-def pad_windows(windows: np.ndarray | Sequence[Sequence[int]], seq_len: int, pad_id: int,
-                valid: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+def pad_windows(
+    windows: np.ndarray | Sequence[Sequence[int]], seq_len: int, pad_id: int, valid: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """Right-pad windows (a 2-D array or a list of id sequences of at most ``seq_len`` tokens) to ``seq_len``.
 
     :param windows: ``[N, L]`` ids with ``L <= seq_len``, one 1-D window, or a list of sequences
@@ -148,8 +149,13 @@ def _token_table(reconstructor: Reconstructor, keep_digits: bool) -> np.ndarray:
     return table
 
 
-def force_keep_mask(token_ids: np.ndarray, valid: np.ndarray, reconstructor: Reconstructor, keep_digits: bool = False,
-                    force_keep_strings: Sequence[str] = ()) -> np.ndarray:
+def force_keep_mask(
+    token_ids: np.ndarray,
+    valid: np.ndarray,
+    reconstructor: Reconstructor,
+    keep_digits: bool = False,
+    force_keep_strings: Sequence[str] = (),
+) -> np.ndarray:
     """Which tokens must never be dropped: special tokens, digits (optional) and occurrences of user strings.
 
     A string is found as its token sequence, tokenised both alone and after a space (byte-level BPE
@@ -204,8 +210,13 @@ def make_spaces(seq_len: int, chunk_size: int, vocab_size: int, observe_surprisa
     return spaces.Dict(obs), spaces.MultiBinary(chunk_size)
 
 
-def draw_episode(rng: np.random.Generator, n_windows: int, mask_rate_range: tuple[float, float],
-                 target: float | None = None, window_index: int | None = None) -> tuple[int, float]:
+def draw_episode(
+    rng: np.random.Generator,
+    n_windows: int,
+    mask_rate_range: tuple[float, float],
+    target: float | None = None,
+    window_index: int | None = None,
+) -> tuple[int, float]:
     """Draw an episode's window and target rate; both are always drawn so that options never shift the random stream.
 
     :param rng: the episode's random generator
@@ -241,8 +252,16 @@ class TokenMaskCore:
     :param observe_surprisal: compute the ``surprisal`` observation at each episode start
     """
 
-    def __init__(self, reconstructor: Reconstructor, windows: WindowSet, reward_config: RewardConfig, seq_len: int, chunk_size: int,
-                 batch_size: int, observe_surprisal: bool = False) -> None:
+    def __init__(
+        self,
+        reconstructor: Reconstructor,
+        windows: WindowSet,
+        reward_config: RewardConfig,
+        seq_len: int,
+        chunk_size: int,
+        batch_size: int,
+        observe_surprisal: bool = False,
+    ) -> None:
         self.reconstructor = reconstructor
         self.windows = windows
         self.reward_config = reward_config
@@ -433,9 +452,22 @@ def _scorer_without_cache(scorer: EpisodeScorer) -> EpisodeScorer:
     return clone
 
 
-def build_core(batch_size: int, *, corpus: str, split: str, reconstructor: str | Path | Reconstructor, seq_len: int, chunk_size: int,
-               reward_config: RewardConfig, observe_surprisal: bool, keep_digits: bool, force_keep_strings: Sequence[str], device: str,
-               windows: np.ndarray | Sequence[Sequence[int]] | None, valid: np.ndarray | None) -> TokenMaskCore:
+def build_core(
+    batch_size: int,
+    *,
+    corpus: str,
+    split: str,
+    reconstructor: str | Path | Reconstructor,
+    seq_len: int,
+    chunk_size: int,
+    reward_config: RewardConfig,
+    observe_surprisal: bool,
+    keep_digits: bool,
+    force_keep_strings: Sequence[str],
+    device: str,
+    windows: np.ndarray | Sequence[Sequence[int]] | None,
+    valid: np.ndarray | None,
+) -> TokenMaskCore:
     """Validate the arguments shared by the single and the vector env, load what they name, and build the core.
 
     :param batch_size: episodes run together
@@ -652,9 +684,19 @@ class TokenMaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
             reward_type, bits_saved_per_mask, surprisal_clip, mask_bonus, wrong_penalty, rate_penalty, reward_scale
         )
         self.core = build_core(
-            1, corpus=corpus, split=split, reconstructor=reconstructor, seq_len=seq_len, chunk_size=chunk_size,
-            reward_config=self.reward_config, observe_surprisal=observe_surprisal, keep_digits=keep_digits,
-            force_keep_strings=force_keep_strings, device=device, windows=windows, valid=valid,
+            1,
+            corpus=corpus,
+            split=split,
+            reconstructor=reconstructor,
+            seq_len=seq_len,
+            chunk_size=chunk_size,
+            reward_config=self.reward_config,
+            observe_surprisal=observe_surprisal,
+            keep_digits=keep_digits,
+            force_keep_strings=force_keep_strings,
+            device=device,
+            windows=windows,
+            valid=valid,
         )
         self.seq_len, self.chunk_size = seq_len, chunk_size
         self.observation_space = self.core.observation_space  # type: ignore[assignment]
@@ -698,8 +740,9 @@ class TokenMaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         """
         super().reset(seed=seed)
         options = options or {}
-        index, target = draw_episode(self.np_random, self.num_windows, self.mask_rate_range,
-                                     options.get("target_mask_rate"), options.get("window_index"))
+        index, target = draw_episode(
+            self.np_random, self.num_windows, self.mask_rate_range, options.get("target_mask_rate"), options.get("window_index")
+        )
         self.core.start(np.array([index]), np.array([target]))
         return self._obs(), self._info()
 

@@ -85,8 +85,8 @@ def fixed_rate_masks(shape: tuple[int, int], rate: float, seed: int) -> np.ndarr
     :return: ``[batch, length]`` bool
     """
     rng = np.random.default_rng(seed)
-    n, length = shape
-    k = int(round(rate * length))
+    _n, length = shape
+    k = round(rate * length)
     order = np.argsort(rng.random(shape), axis=1)
     mask = np.zeros(shape, dtype=bool)
     np.put_along_axis(mask, order[:, :k], True, axis=1)
@@ -112,7 +112,9 @@ def bits_per_masked_token(reconstructor: Reconstructor, windows: np.ndarray, rat
     return total / max(count, 1)
 
 
-def evaluate_bits(reconstructor: Reconstructor, windows: np.ndarray, rates: tuple[float, ...] = EVAL_MASK_RATES, seed: int = 0) -> dict[str, float]:
+def evaluate_bits(
+    reconstructor: Reconstructor, windows: np.ndarray, rates: tuple[float, ...] = EVAL_MASK_RATES, seed: int = 0
+) -> dict[str, float]:
     """Bits per masked token at several random-mask rates.
 
     :param reconstructor: the reconstructor
@@ -137,7 +139,9 @@ def _lr_at(step: int, config: PretrainConfig) -> float:
     return float(config.lr * (0.1 + 0.9 * 0.5 * (1 + np.cos(np.pi * min(1.0, progress)))))
 
 
-def save_checkpoint(reconstructor: Reconstructor, optimizer: torch.optim.Optimizer, step: int, path: Path, extra: dict[str, Any] | None = None) -> None:
+def save_checkpoint(
+    reconstructor: Reconstructor, optimizer: torch.optim.Optimizer, step: int, path: Path, extra: dict[str, Any] | None = None
+) -> None:
     """Write a training checkpoint atomically (a temporary folder renamed into place).
 
     :param reconstructor: the model and tokenizer

@@ -165,7 +165,9 @@ class Reconstructor:
         return int(self.model.config.n_positions) - 1
 
     @classmethod
-    def new(cls, tokenizer: PreTrainedTokenizerBase, preset: str = "tiny", device: str | torch.device = "auto", seed: int = 0) -> Reconstructor:
+    def new(
+        cls, tokenizer: PreTrainedTokenizerBase, preset: str = "tiny", device: str | torch.device = "auto", seed: int = 0
+    ) -> Reconstructor:
         """Create an untrained reconstructor of a preset size for ``tokenizer``.
 
         :param tokenizer: the tokenizer (with a mask token)
@@ -229,8 +231,10 @@ class Reconstructor:
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
             model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, use_safetensors=True, trust_remote_code=False)
-        except Exception as exc:  # noqa: BLE001 - any failure here means a broken directory
-            raise ReconstructorLoadError(f"could not load reconstructor from '{path}' (corrupt or partial?): {str(exc).splitlines()[0][:200]}") from None
+        except Exception as exc:
+            raise ReconstructorLoadError(
+                f"could not load reconstructor from '{path}' (corrupt or partial?): {str(exc).splitlines()[0][:200]}"
+            ) from None
         if ensure_special_tokens(tokenizer):
             model.resize_token_embeddings(len(tokenizer))
         return cls(model, tokenizer, device)
@@ -246,7 +250,7 @@ class Reconstructor:
         try:
             tokenizer = AutoTokenizer.from_pretrained(name)
             model = AutoModelForCausalLM.from_pretrained(name, use_safetensors=True, trust_remote_code=False)
-        except Exception as exc:  # noqa: BLE001 - offline, unknown name, gated repo: same user error
+        except Exception as exc:
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise ReconstructorLoadError(
                 f"could not load reconstructor '{name}' from the Hugging Face hub ({first}). "

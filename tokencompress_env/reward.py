@@ -116,8 +116,14 @@ def token_rewards(surprisal: torch.Tensor, correct: torch.Tensor, mask: torch.Te
     return torch.where(mask, per_token, torch.zeros_like(per_token))
 
 
-def rate_shaping(masked_before: np.ndarray, decided_before: np.ndarray, masked_after: np.ndarray, decided_after: np.ndarray,
-                 target: np.ndarray, rate_penalty: float) -> np.ndarray:
+def rate_shaping(
+    masked_before: np.ndarray,
+    decided_before: np.ndarray,
+    masked_after: np.ndarray,
+    decided_after: np.ndarray,
+    target: np.ndarray,
+    rate_penalty: float,
+) -> np.ndarray:
     """Potential-based rate-keeping term ``-rate_penalty * (|D_t| - |D_{t-1}|)``, ``D = masked - target * decided``.
 
     :param masked_before: ``[B]`` valid tokens masked before this step
@@ -201,11 +207,20 @@ class EpisodeScorer:
         per_token = token_rewards(result.surprisal, result.correct, dropped, self.config)
         bits = torch.where(dropped, result.surprisal, torch.zeros_like(result.surprisal))
         # One device->host transfer for all per-row sums.
-        sums = torch.stack(
-            [per_token.sum(1), bits.sum(1), dropped.sum(1).to(bits.dtype), result.masked_correct.sum(1).to(bits.dtype),
-             result.valid.sum(1).to(bits.dtype)],
-            dim=1,
-        ).to("cpu", torch.float64).numpy()
+        sums = (
+            torch.stack(
+                [
+                    per_token.sum(1),
+                    bits.sum(1),
+                    dropped.sum(1).to(bits.dtype),
+                    result.masked_correct.sum(1).to(bits.dtype),
+                    result.valid.sum(1).to(bits.dtype),
+                ],
+                dim=1,
+            )
+            .to("cpu", torch.float64)
+            .numpy()
+        )
         reward_tokens_raw, masked_bits, n_masked, n_correct, n_valid = sums.T
         masked_before, decided_before = self.masked.copy(), self.decided.copy()
         self.masked += n_masked.astype(np.int64)

@@ -106,9 +106,19 @@ class TokenMaskVectorEnv(VectorEnv[dict[str, np.ndarray], np.ndarray, np.ndarray
             reward_type, bits_saved_per_mask, surprisal_clip, mask_bonus, wrong_penalty, rate_penalty, reward_scale
         )
         self.core = build_core(
-            num_envs, corpus=corpus, split=split, reconstructor=reconstructor, seq_len=seq_len, chunk_size=chunk_size,
-            reward_config=self.reward_config, observe_surprisal=observe_surprisal, keep_digits=keep_digits,
-            force_keep_strings=force_keep_strings, device=device, windows=windows, valid=valid,
+            num_envs,
+            corpus=corpus,
+            split=split,
+            reconstructor=reconstructor,
+            seq_len=seq_len,
+            chunk_size=chunk_size,
+            reward_config=self.reward_config,
+            observe_surprisal=observe_surprisal,
+            keep_digits=keep_digits,
+            force_keep_strings=force_keep_strings,
+            device=device,
+            windows=windows,
+            valid=valid,
         )
         self.num_envs = num_envs
         self.seq_len, self.chunk_size = seq_len, chunk_size
@@ -163,8 +173,9 @@ class TokenMaskVectorEnv(VectorEnv[dict[str, np.ndarray], np.ndarray, np.ndarray
             infos[f"_{key}"] = every.copy()
         return infos
 
-    def reset(self, *, seed: int | list[int | None] | None = None,
-              options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+    def reset(
+        self, *, seed: int | list[int | None] | None = None, options: dict[str, Any] | None = None
+    ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Start new episodes in every row.
 
         :param seed: ``None``, an int (row ``i`` gets ``seed + i``) or one seed per row
@@ -184,8 +195,10 @@ class TokenMaskVectorEnv(VectorEnv[dict[str, np.ndarray], np.ndarray, np.ndarray
             if s is not None:
                 self._row_rngs[i] = seeding.np_random(s)[0]
         options = options or {}
-        self._start(_per_row(options.get("target_mask_rate"), self.num_envs, "target_mask_rate"),
-                    _per_row(options.get("window_index"), self.num_envs, "window_index"))
+        self._start(
+            _per_row(options.get("target_mask_rate"), self.num_envs, "target_mask_rate"),
+            _per_row(options.get("window_index"), self.num_envs, "window_index"),
+        )
         return self.core.observation(), self._infos()
 
     def step(self, actions: np.ndarray) -> tuple[dict[str, np.ndarray], np.ndarray, np.ndarray, np.ndarray, dict[str, Any]]:

@@ -1,0 +1,131 @@
+"""Warm start of the policy by distillation from the reconstructor, before reinforcement learning.
+
+PPO alone learns slowly here: a step's reward sums the outcome of ``chunk_size`` decisions, so the
+credit of one token's decision is buried in the others'. The reconstructor, however, can say directly
+which tokens are cheap to drop. :func:`distill_policy` trains the policy's per-token head to rank, in
+each window and at the window's target mask rate ``r``, the tokens that are cheapest to drop: the
+``round(r * n)`` tokens of lowest surprisal under the reconstructor *given a compressed context at rate
+r* (not given the full original text, as Selective Context ranks). The context is, for a fraction
+``on_policy_fraction`` of each batch, the policy's own current choice at rate r (the context its drops
+will really meet), and otherwise a random mask at rate r; fresh contexts every batch, so the labels
+average over the contexts a token meets. The loss is binary
+cross-entropy between the policy's mask logits (:meth:`token_mask_logits`) and those labels, on the
+maskable positions only. PPO then fine-tunes the warm-started policy on the real reward.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch as th
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from tokencompress_env.reconstructor import Reconstructor
+
+
+def cheapest_tokens(surprisal: th.Tensor, maskable: th.Tensor, rate: th.Tensor) -> th.Tensor:
+    """Label the ``round(rate * n_maskable)`` lowest-surprisal maskable tokens of each row.
+
+    :param surprisal: ``[B, L]`` bits
+    :param maskable: ``[B, L]`` bool
+    :param rate: ``[B]`` mask rates
+    :return: ``[B, L]`` float labels (1 = drop)
+    """
+    budget = th.floor(rate * maskable.sum(1) + 0.5).long()
+    key = surprisal.masked_fill(~maskable, float("inf"))
+    rank = key.argsort(dim=1).argsort(dim=1)
+    return ((rank < budget[:, None]) & maskable).float()
+
+
+def distill_policy(
+    policy: Any,
+    reconstructor: Reconstructor,
+    windows: np.ndarray,
+    valid: np.ndarray,
+    force_keep: np.ndarray,
+    steps: int = 300,
+    batch_size: int = 32,
+    learning_rate: float = 1e-3,
+    rate_range: tuple[float, float] = (0.2, 0.8),
+    observe_surprisal: bool = False,
+    on_policy_fraction: float = 0.5,
+    seed: int = 0,
+    progress: bool = True,
+    logger: Any = None,
+) -> dict[str, float]:
+    """Train ``policy`` in place to rank the tokens that are cheapest to drop (see the module docstring).
+
+    :param policy: a policy of the agents package (has ``token_mask_logits``)
+    :param reconstructor: the reconstructor whose surprisal defines "cheap"
+    :param windows: ``[N, L]`` training windows
+    :param valid: ``[N, L]`` bool, real (non-padding) positions
+    :param force_keep: ``[N, L]`` bool, tokens that may never be dropped
+    :param steps: optimizer steps
+    :param batch_size: windows per step
+    :param learning_rate: Adam learning rate
+    :param rate_range: range of the uniformly drawn target mask rates
+    :param observe_surprisal: the policy observes the reconstructor's surprisal of the original tokens
+    :param on_policy_fraction: fraction of each batch whose context is the policy's own current mask
+    :param seed: seed of batches, rates and random contexts
+    :param progress: show a progress bar
+    :param logger: an SB3 logger for ``distill/*`` scalars (``None``: no logging)
+    :return: first and last loss and the label agreement (fraction of labelled tokens in the policy's top-k)
+    """
+    generator = th.Generator().manual_seed(seed)
+    device = policy.device
+    params = [p for p in policy.parameters() if p.requires_grad]
+    optimizer = th.optim.Adam(params, lr=learning_rate)
+    losses: list[float] = []
+    agreement = 0.0
+    policy.set_training_mode(True)
+    bar = tqdm(range(steps), desc="Distilling policy", disable=not progress, unit="step")
+    for step in bar:
+        idx = th.randint(0, len(windows), (batch_size,), generator=generator).numpy()
+        ids = th.as_tensor(windows[idx], dtype=th.long)
+        keep = th.as_tensor(force_keep[idx], dtype=th.bool)
+        real = th.as_tensor(valid[idx], dtype=th.bool)
+        lo, hi = rate_range
+        rate = lo + (hi - lo) * th.rand(batch_size, generator=generator)
+        maskable = ~keep & real
+        obs = {
+            "token_ids": ids,
+            "decisions": th.zeros_like(ids),
+            "valid": real.long(),
+            "force_keep": keep.long(),
+            "position": th.zeros((batch_size, 1), dtype=th.long),
+            "target_mask_rate": rate[:, None].float(),
+        }
+        if observe_surprisal:
+            obs["surprisal"] = reconstructor.surprisal(ids, real).cpu().float()
+        obs_t = {k: v.to(device).float() for k, v in obs.items()}
+        logits = policy.token_mask_logits(obs_t, exclude_invalid=False)
+        context = th.rand(ids.shape, generator=generator) < rate[:, None]
+        n_on_policy = round(batch_size * on_policy_fraction) if step > 0 else 0
+        if n_on_policy:
+            own = cheapest_tokens(-logits.detach().cpu()[:n_on_policy], maskable[:n_on_policy], rate[:n_on_policy]) > 0
+            context[:n_on_policy] = own
+        scores = reconstructor.score(ids, context, real)
+        labels = cheapest_tokens(scores.surprisal.cpu(), maskable, rate)
+        weight = maskable.to(device).float()
+        loss = (F.binary_cross_entropy_with_logits(logits, labels.to(device), reduction="none") * weight).sum() / weight.sum()
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        th.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        losses.append(float(loss.detach()))
+        with th.no_grad():
+            picked = cheapest_tokens(-logits.detach().cpu(), maskable, rate)
+            agreement = float((picked * labels).sum() / labels.sum().clamp(min=1))
+        bar.set_postfix(loss=f"{losses[-1]:.3f}", agree=f"{agreement:.2f}")
+        if logger is not None and step % 10 == 0:
+            logger.record("distill/loss", losses[-1])
+            logger.record("distill/label_agreement", agreement)
+            logger.dump(step)
+    policy.set_training_mode(False)
+    return {
+        "first_loss": losses[0] if losses else float("nan"),
+        "last_loss": losses[-1] if losses else float("nan"),
+        "label_agreement": agreement,
+    }

@@ -1,0 +1,145 @@
+"""The main job on the embedded default, end to end on a CPU: the README's first Quickstart command.
+
+1. the ``tiny`` reconstructor: built and cached on first use (BPE tokenizer + small GPT-2 pretrained on
+   the embedded corpus under random masks), reused afterwards;
+2. the agent: distilled from the reconstructor, then trained with PPO jointly with the reconstructor
+   (``experiments/configs/dev/small_scale.json``) into ``runs/quickstart``; a finished run is reused
+   and an interrupted one resumed;
+3. evaluation on the held-out test split (documents never trained on): the policy against the
+   baselines at matched mask rates, scored by the frozen reference and the jointly trained reconstructor;
+4. the results table, and where the plot and files are.
+
+Examples::
+
+    python -m experiments.quickstart
+    python -m experiments.quickstart --data ../shared/data/wikitext2-valid.txt   # also evaluate on a text file
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from experiments.config import build_config, cli_main, load_config_file, parse_config
+from experiments.evaluate import EvaluateConfig, run_evaluation
+from experiments.train_ppo import TrainConfig, train
+from tokencompress_env.baselines import BASELINE_NAMES
+from tokencompress_env.reconstructor import Reconstructor
+
+ROOT = Path(__file__).resolve().parent
+
+
+@dataclass
+class QuickstartConfig:
+    """Options of ``experiments.quickstart``.
+
+    :param run_name: run folder name under ``runs_dir``
+    :param runs_dir: parent folder of runs
+    :param train_config: JSON config of the training stage
+    :param mask_rates: requested mask rates of the evaluation
+    :param max_windows: held-out windows evaluated per data set
+    :param methods: methods evaluated (the greedy oracle is left out by default: minutes on a CPU)
+    :param data: an extra plain-text file to evaluate on (e.g. ``../shared/data/wikitext2-valid.txt``)
+    :param device: ``auto``, ``cpu``, ``cuda`` or ``mps``
+    :param progress_bar: show progress bars
+    """
+
+    run_name: str = "quickstart"
+    runs_dir: str = "runs"
+    train_config: str = str(ROOT / "configs" / "dev" / "small_scale.json")
+    mask_rates: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+    max_windows: int = 128
+    methods: list[str] = field(default_factory=lambda: ["policy", *[m for m in BASELINE_NAMES if m != "greedy_oracle"]])
+    data: str | None = None
+    device: str = "auto"
+    progress_bar: bool = True
+
+
+def _stage(title: str, started: float) -> None:
+    """Print a stage banner with the elapsed time.
+
+    :param title: the stage
+    :param started: ``time.perf_counter()`` at the job's start
+    """
+    print(f"\n=== [{time.perf_counter() - started:6.0f}s] {title} ===", flush=True)
+
+
+def quickstart(config: QuickstartConfig) -> dict[str, Any]:
+    """Run the whole job; returns where everything is and the wall time of each stage.
+
+    :param config: the options
+    :return: summary
+    """
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+    _stage("1/3 reconstructor (tiny preset: built on first use, then cached)", started)
+    t = time.perf_counter()
+    reconstructor = Reconstructor.from_pretrained("tiny", device=config.device)
+    print(f"tiny reconstructor: {reconstructor.num_parameters() / 1e6:.1f}M parameters, vocabulary {reconstructor.vocab_size}")
+    del reconstructor
+    timings["reconstructor_s"] = time.perf_counter() - t
+
+    _stage("2/3 agent: distillation, then PPO jointly with the reconstructor", started)
+    t = time.perf_counter()
+    values = load_config_file(config.train_config) | {
+        "run_name": config.run_name,
+        "runs_dir": config.runs_dir,
+        "device": config.device,
+        "progress_bar": config.progress_bar,
+    }
+    train_config = build_config(TrainConfig, values, where=f"config file '{config.train_config}'")
+    run_dir = train_config.run_dir
+    if (run_dir / "agent.zip").exists():
+        print(f"reusing the finished run in {run_dir} (delete it to train again)")
+    else:
+        train_config.resume = (run_dir / "checkpoints" / "latest" / "state.json").exists()
+        if train_config.resume:
+            print(f"resuming the interrupted run in {run_dir}")
+        summary = train(train_config)
+        if summary["interrupted"]:
+            raise KeyboardInterrupt
+    timings["train_s"] = time.perf_counter() - t
+
+    _stage("3/3 evaluation on held-out text at matched mask rates", started)
+    t = time.perf_counter()
+    outputs = {}
+    datasets = [("embedded_test", None), *([("data", config.data)] if config.data else [])]
+    for name, data in datasets:
+        out = run_dir / "eval" / name
+        run_evaluation(
+            EvaluateConfig(
+                run=str(run_dir),
+                data=data,
+                mask_rates=list(config.mask_rates),
+                methods=list(config.methods),
+                max_windows=config.max_windows,
+                out=str(out),
+                device=config.device,
+            )
+        )
+        outputs[name] = {"table": str(out / "results.md"), "plot": str(out / "rate_distortion.png"), "json": str(out / "results.json")}
+    timings["evaluate_s"] = time.perf_counter() - t
+    timings["total_s"] = time.perf_counter() - started
+    summary_out = {"run_dir": str(run_dir), "outputs": outputs, "timings": timings}
+    (run_dir / "quickstart.json").write_text(json.dumps(summary_out, indent=2))
+    print(json.dumps(summary_out, indent=2))
+    plot = outputs["embedded_test"]["plot"]
+    print(f"\nDone in {timings['total_s']:.0f}s. Plot: {plot}  TensorBoard: tensorboard --logdir {run_dir / 'tb'}")
+    return summary_out
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m experiments.quickstart``.
+
+    :param argv: command-line arguments
+    """
+    quickstart(parse_config(QuickstartConfig, argv, description=__doc__ or ""))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
