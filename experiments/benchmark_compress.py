@@ -7,7 +7,7 @@ Examples::
 
 Texts: the documents of ``--data`` (a ``.txt`` file or folder), or by default the held-out ``test`` split
 of the run's corpus (the embedded corpus unless the run says otherwise), taken in order up to
-``--max_tokens`` tokens.
+``--max_tokens`` tokens (the last text is cut at a token boundary).
 
 Timed, each the median of ``--repeats`` runs after one warm-up, on the same thread count:
 
@@ -99,8 +99,14 @@ def benchmark_texts(config: BenchmarkConfig, corpus: str, tokenizer: Any) -> tup
     for text in docs:
         if not text.strip():
             continue
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        room = config.max_tokens - total
+        if len(enc["input_ids"]) > room:  # cut the last text at a token boundary
+            text = text[: enc["offset_mapping"][room - 1][1]]
+            if not text.strip():
+                break
         texts.append(text)
-        total += len(tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"])
+        total += min(len(enc["input_ids"]), room)
         if total >= config.max_tokens:
             break
     if not texts:

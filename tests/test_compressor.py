@@ -318,9 +318,11 @@ def test_benchmark_cli(run_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "data.txt"
     data.write_text(PARAGRAPH * 40)
     out = tmp_path / "bench.json"
-    assert bench_main(["--run", str(run_dir), "--out", str(out), "--data", str(data), "--repeats", "1", "--device", "cpu"]) == 0
+    assert bench_main(["--run", str(run_dir), "--out", str(out), "--data", str(data), "--repeats", "1", "--device", "cpu",
+                       "--max_tokens", "500"]) == 0
     result = json.loads(out.read_text())
-    assert result["tokens"] > 0 and result["compress_tokens_per_s"] > 0 and result["self_information_tokens_per_s"] > 0
+    assert 450 <= result["tokens"] <= 505 and result["texts"] == 1  # one long document, cut at --max_tokens
+    assert result["compress_tokens_per_s"] > 0 and result["self_information_tokens_per_s"] > 0
     assert result["speedup"] == pytest.approx(result["compress_tokens_per_s"] / result["self_information_tokens_per_s"])
 
 
