@@ -168,8 +168,13 @@ def run_benchmark(config: BenchmarkConfig) -> dict[str, Any]:
 
     def policy_only() -> np.ndarray:
         logits = window_mask_logits(
-            compressor.agent, windows, valid, force_keep, rate,
-            compressor.reconstructor if compressor.observe_surprisal else None, config.batch_size,
+            compressor.agent,
+            windows,
+            valid,
+            force_keep,
+            rate,
+            compressor.reconstructor if compressor.observe_surprisal else None,
+            config.batch_size,
         )
         return budget_mask(logits, np.minimum(mask_budget(rate, valid), maskable.sum(axis=1)), maskable)
 

@@ -212,8 +212,13 @@ def test_surprisal_observing_run(tmp_path: Path, test_reconstructor_dir: Path) -
     r = _compress_one(comp, PARAGRAPH * 2, mask_rate=0.4)
     _check_consistent(comp, r)
     with pytest.raises(InputError, match="surprisal"):
-        window_mask_logits(comp.agent, np.zeros((1, comp.seq_len), dtype=np.int64), np.ones((1, comp.seq_len), bool),
-                           np.zeros((1, comp.seq_len), bool), 0.4)
+        window_mask_logits(
+            comp.agent,
+            np.zeros((1, comp.seq_len), dtype=np.int64),
+            np.ones((1, comp.seq_len), bool),
+            np.zeros((1, comp.seq_len), bool),
+            0.4,
+        )
 
 
 # ---------------------------------------------------------------------------- loading
@@ -257,8 +262,9 @@ def test_load_errors_name_what_is_missing(run_dir: Path, tmp_path: Path) -> None
 # ---------------------------------------------------------------------------- command line
 def _cli(args: list[str], stdin: bytes | None = None) -> subprocess.CompletedProcess[bytes]:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run([sys.executable, "-m", "experiments.compress", *args], cwd=ROOT, env=env, input=stdin,
-                          capture_output=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "experiments.compress", *args], cwd=ROOT, env=env, input=stdin, capture_output=True, timeout=300
+    )
 
 
 def test_cli_file_and_stdin(run_dir: Path, compressor: Compressor, tmp_path: Path) -> None:
@@ -318,8 +324,12 @@ def test_benchmark_cli(run_dir: Path, tmp_path: Path) -> None:
     data = tmp_path / "data.txt"
     data.write_text(PARAGRAPH * 40)
     out = tmp_path / "bench.json"
-    assert bench_main(["--run", str(run_dir), "--out", str(out), "--data", str(data), "--repeats", "1", "--device", "cpu",
-                       "--max_tokens", "500"]) == 0
+    assert (
+        bench_main(
+            ["--run", str(run_dir), "--out", str(out), "--data", str(data), "--repeats", "1", "--device", "cpu", "--max_tokens", "500"]
+        )
+        == 0
+    )
     result = json.loads(out.read_text())
     assert 450 <= result["tokens"] <= 505 and result["texts"] == 1  # one long document, cut at --max_tokens
     assert result["compress_tokens_per_s"] > 0 and result["self_information_tokens_per_s"] > 0
@@ -329,8 +339,24 @@ def test_benchmark_cli(run_dir: Path, tmp_path: Path) -> None:
 def test_evaluate_runs_the_policy_through_the_shared_seam(run_dir: Path, tmp_path: Path) -> None:
     from experiments.evaluate import main as evaluate_main
 
-    records = evaluate_main(["--run", str(run_dir), "--methods", "policy", "--mask_rates", "0.5", "--max_windows", "4",
-                             "--bootstrap", "10", "--device", "cpu", "--out", str(tmp_path / "eval")])
+    records = evaluate_main(
+        [
+            "--run",
+            str(run_dir),
+            "--methods",
+            "policy",
+            "--mask_rates",
+            "0.5",
+            "--max_windows",
+            "4",
+            "--bootstrap",
+            "10",
+            "--device",
+            "cpu",
+            "--out",
+            str(tmp_path / "eval"),
+        ]
+    )
     policy = [r for r in records if r["method"] == "policy"]
     assert {r["reconstructor"] for r in policy} == {"reference", "joint"}
     assert all(r["achieved_mask_rate"] == pytest.approx(0.5, abs=1e-9) for r in policy)

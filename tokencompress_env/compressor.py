@@ -588,8 +588,13 @@ class Compressor:
                 budget[rows] = segment_budgets(maskable[rows].reshape(1, -1), np.array([drops]), self.seq_len)[0]
 
         logits = window_mask_logits(
-            self.agent, win_ids, win_valid, win_keep, win_rate.astype(np.float32),
-            self.reconstructor if self.observe_surprisal else None, self.batch_size,
+            self.agent,
+            win_ids,
+            win_valid,
+            win_keep,
+            win_rate.astype(np.float32),
+            self.reconstructor if self.observe_surprisal else None,
+            self.batch_size,
         )
         dropped = budget_mask(logits, budget, maskable)
 
