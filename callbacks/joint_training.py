@@ -15,11 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 from stable_baselines3.common.callbacks import BaseCallback
+from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
 from tokencompress_env.pretrain import random_masks
 from tokencompress_env.reconstructor import Reconstructor
@@ -120,7 +121,7 @@ class ReconstructorFinetuneCallback(BaseCallback):
         self.rollouts += 1
         if self.gradient_steps <= 0 or self.rollouts % self.interval:
             return
-        buffer = self.model.rollout_buffer
+        buffer = cast(OnPolicyAlgorithm, self.model).rollout_buffer
         observations: Any = buffer.observations
         if not isinstance(observations, dict):
             raise TypeError("ReconstructorFinetuneCallback needs the TokenMask-v0 dict observations")

@@ -203,7 +203,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     return build_config(cls, values, where="command line" if not config_path else f"'{config_path}' + command line")
 
 
-def cli_main(main: Callable[[Sequence[str] | None], Any]) -> Callable[[Sequence[str] | None], int]:
+def cli_main(main: Callable[[Sequence[str] | None], Any]) -> Callable[..., int]:
     """Wrap a script's ``main(argv)`` so user errors print one line and exit with code 2.
 
     :param main: the script's main function

@@ -221,7 +221,8 @@ def pretrain(
         for _ in range(config.grad_accum):
             idx = torch.randint(0, len(train_windows), (config.batch_size,), generator=generator)
             ids = torch.from_numpy(train_windows[idx.numpy()]).to(reconstructor.device)
-            mask = random_masks(tuple(ids.shape), generator, config.min_mask_rate, config.max_mask_rate).to(reconstructor.device)
+            shape = (ids.shape[0], ids.shape[1])
+            mask = random_masks(shape, generator, config.min_mask_rate, config.max_mask_rate).to(reconstructor.device)
             loss = reconstructor.training_loss(ids, mask) / config.grad_accum
             loss.backward()
             loss_value += float(loss.detach())

@@ -21,12 +21,12 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerBase
+from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 
 from tokencompress_env.errors import ReconstructorLoadError
 from tokencompress_env.paths import cache_root
@@ -35,7 +35,7 @@ from tokencompress_env.tokenizer import ensure_special_tokens
 LN2 = math.log(2.0)
 
 #: Offline presets: name -> GPT-2 configuration of the model the package trains itself.
-PRESETS: dict[str, dict[str, int]] = {
+PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"n_embd": 256, "n_layer": 4, "n_head": 4, "n_positions": 512},
     "test": {"n_embd": 64, "n_layer": 2, "n_head": 2, "n_positions": 256},
 }
@@ -135,11 +135,11 @@ class Reconstructor:
     :param device: where to run (``"auto"``: CUDA, MPS or CPU)
     """
 
-    def __init__(self, model: GPT2LMHeadModel, tokenizer: PreTrainedTokenizerBase, device: str | torch.device = "auto") -> None:
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, device: str | torch.device = "auto") -> None:
         if tokenizer.mask_token_id is None:
             raise ReconstructorLoadError("the reconstructor's tokenizer has no mask token")
         self.device = resolve_device(device)
-        self.model = model.to(self.device)
+        self.model: PreTrainedModel = cast(Any, model).to(self.device)
         self.model.eval()
         self.tokenizer = tokenizer
         self.mask_token_id: int = int(tokenizer.mask_token_id)
@@ -415,7 +415,7 @@ class Reconstructor:
         """
         filled = self.fill(input_ids, mask, valid).cpu().numpy()
         valid_np = np.ones_like(filled, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
-        return [self.tokenizer.decode(row[v].tolist()) for row, v in zip(filled, valid_np, strict=True)]
+        return [str(self.tokenizer.decode(row[v].tolist())) for row, v in zip(filled, valid_np, strict=True)]
 
     # ------------------------------------------------------------------ training
     def training_loss(self, input_ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:

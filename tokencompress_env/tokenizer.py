@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from tokenizers import ByteLevelBPETokenizer
-from transformers import PreTrainedTokenizerFast
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 #: Token that marks a dropped position in the reconstructor's input.
 MASK_TOKEN = "<|mask|>"
@@ -40,7 +40,7 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 4096, min_freque
     )
 
 
-def ensure_special_tokens(tokenizer: PreTrainedTokenizerFast) -> int:
+def ensure_special_tokens(tokenizer: PreTrainedTokenizerBase) -> int:
     """Add the mask and padding tokens to a GPT-2 tokenizer that lacks them.
 
     :param tokenizer: the tokenizer, modified in place
