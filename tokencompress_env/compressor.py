@@ -43,7 +43,6 @@ from __future__ import annotations
 import json
 import math
 import numbers
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,6 +52,7 @@ import numpy as np
 import torch
 
 from tokencompress_env.baselines import LogitFn, budget_mask, mask_budget, segment_budgets
+from tokencompress_env.env import force_keep_token_table
 from tokencompress_env.errors import CheckpointError, InputError, ReconstructorLoadError, TokenCompressError
 from tokencompress_env.reconstructor import Reconstructor, resolve_device
 
@@ -65,32 +65,11 @@ DEFAULT_MASK_RATE = 0.4
 
 
 # ---------------------------------------------------------------------------- force-keep
-def special_and_digit_table(reconstructor: Reconstructor, keep_digits: bool) -> np.ndarray:
-    """Per-token-id force-keep flags: special tokens, and tokens containing an ASCII digit if asked.
-
-    Same rule as TokenMask-v0 (:func:`tokencompress_env.env.force_keep_mask`).
-
-    :param reconstructor: whose tokenizer defines the vocabulary
-    :param keep_digits: also flag every token that contains a digit
-    :return: ``[vocab]`` bool
-    """
-    tokenizer = reconstructor.tokenizer
-    size = max(reconstructor.vocab_size, len(tokenizer))
-    table = np.zeros(size, dtype=bool)
-    special = [i for i in tokenizer.all_special_ids if i is not None and 0 <= i < size]
-    table[special] = True
-    if keep_digits:
-        tokens = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
-        digit = re.compile(r"[0-9]")
-        table[: len(tokens)] |= np.array([bool(t) and digit.search(t) is not None for t in tokens], dtype=bool)
-    return table
-
-
 _TABLES: dict[tuple[int, bool], np.ndarray] = {}
 
 
 def _cached_table(reconstructor: Reconstructor, keep_digits: bool) -> np.ndarray:
-    """:func:`special_and_digit_table`, computed once per tokenizer object and flag.
+    """The env's per-token-id force-keep flags (:func:`~tokencompress_env.env.force_keep_token_table`), once per tokenizer and flag.
 
     :param reconstructor: the reconstructor
     :param keep_digits: flag digits
@@ -98,7 +77,7 @@ def _cached_table(reconstructor: Reconstructor, keep_digits: bool) -> np.ndarray
     """
     key = (id(reconstructor.tokenizer), bool(keep_digits))
     if key not in _TABLES:
-        _TABLES[key] = special_and_digit_table(reconstructor, keep_digits)
+        _TABLES[key] = force_keep_token_table(reconstructor, keep_digits)
     return _TABLES[key]
 
 

@@ -130,7 +130,7 @@ def pad_windows(
     return out, out_valid
 
 
-def _token_table(reconstructor: Reconstructor, keep_digits: bool) -> np.ndarray:
+def force_keep_token_table(reconstructor: Reconstructor, keep_digits: bool) -> np.ndarray:
     """Per-vocabulary-entry force-keep flags: special tokens, and tokens with an ASCII digit if asked.
 
     :param reconstructor: whose tokenizer defines the vocabulary
@@ -169,7 +169,7 @@ def force_keep_mask(
     :param force_keep_strings: strings whose occurrences are kept
     :return: ``[N, L]`` bool (``False`` at padding)
     """
-    table = _token_table(reconstructor, keep_digits)
+    table = force_keep_token_table(reconstructor, keep_digits)
     keep = table[np.clip(token_ids, 0, table.shape[0] - 1)]
     length = token_ids.shape[1]
     for text in force_keep_strings:
