@@ -520,7 +520,36 @@ def check_mask_rate_range(mask_rate_range: Sequence[float]) -> tuple[float, floa
 
 
 # ---------------------------------------------------------------------------------------------- the env
-class TokenMaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
+class CoreAccess:
+    """What the single and the vector env both expose of their :class:`TokenMaskCore` (``self.core``)."""
+
+    core: TokenMaskCore
+
+    @property
+    def reconstructor(self) -> Reconstructor:
+        """The reconstructor scoring the current episodes.
+
+        :return: the reconstructor
+        """
+        return self.core.reconstructor
+
+    @property
+    def num_windows(self) -> int:
+        """Number of windows episodes are drawn from.
+
+        :return: the count
+        """
+        return len(self.core.windows)
+
+    def set_reconstructor(self, reconstructor: Reconstructor) -> None:
+        """Score with another reconstructor from the next episodes on (joint training).
+
+        :param reconstructor: the new reconstructor, with the same tokenizer
+        """
+        self.core.set_reconstructor(reconstructor)
+
+
+class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
     r"""TokenMask-v0: learn which tokens of a text window can be dropped and still be recovered.
 
     ## Description
@@ -701,29 +730,6 @@ class TokenMaskEnv(gym.Env[dict[str, np.ndarray], np.ndarray]):
         self.seq_len, self.chunk_size = seq_len, chunk_size
         self.observation_space = self.core.observation_space  # type: ignore[assignment]
         self.action_space = self.core.action_space
-
-    @property
-    def reconstructor(self) -> Reconstructor:
-        """The reconstructor scoring the current episode.
-
-        :return: the reconstructor
-        """
-        return self.core.reconstructor
-
-    @property
-    def num_windows(self) -> int:
-        """Number of windows episodes are drawn from.
-
-        :return: the count
-        """
-        return len(self.core.windows)
-
-    def set_reconstructor(self, reconstructor: Reconstructor) -> None:
-        """Score with another reconstructor from the next episode on (joint training).
-
-        :param reconstructor: the new reconstructor, with the same tokenizer
-        """
-        self.core.set_reconstructor(reconstructor)
 
     def _obs(self) -> dict[str, np.ndarray]:
         return {key: value[0] for key, value in self.core.observation().items()}

@@ -24,7 +24,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from tokencompress_env.env import build_core, check_mask_rate_range, draw_episode
+from tokencompress_env.env import CoreAccess, build_core, check_mask_rate_range, draw_episode
 from tokencompress_env.errors import InputError
 from tokencompress_env.reconstructor import Reconstructor
 from tokencompress_env.reward import RewardConfig
@@ -46,7 +46,7 @@ def _per_row(value: Any, num_envs: int, name: str) -> list[Any]:
     return values
 
 
-class TokenMaskVectorEnv(VectorEnv[dict[str, np.ndarray], np.ndarray, np.ndarray]):
+class TokenMaskVectorEnv(CoreAccess, VectorEnv[dict[str, np.ndarray], np.ndarray, np.ndarray]):
     """N synchronized TokenMask-v0 episodes scored together (see :class:`~tokencompress_env.env.TokenMaskEnv` for the env).
 
     Takes the same keyword arguments as :class:`~tokencompress_env.env.TokenMaskEnv` plus ``num_envs``.
@@ -128,29 +128,6 @@ class TokenMaskVectorEnv(VectorEnv[dict[str, np.ndarray], np.ndarray, np.ndarray
         self.observation_space = batch_space(self.single_observation_space, num_envs)
         self.action_space = batch_space(self.single_action_space, num_envs)
         self._row_rngs: list[np.random.Generator] = [seeding.np_random(None)[0] for _ in range(num_envs)]
-
-    @property
-    def reconstructor(self) -> Reconstructor:
-        """The reconstructor scoring the current episodes.
-
-        :return: the reconstructor
-        """
-        return self.core.reconstructor
-
-    @property
-    def num_windows(self) -> int:
-        """Number of windows episodes are drawn from.
-
-        :return: the count
-        """
-        return len(self.core.windows)
-
-    def set_reconstructor(self, reconstructor: Reconstructor) -> None:
-        """Score with another reconstructor from the next episodes on (joint training).
-
-        :param reconstructor: the new reconstructor, with the same tokenizer
-        """
-        self.core.set_reconstructor(reconstructor)
 
     def _start(self, targets: list[Any], indices: list[Any]) -> None:
         """Draw each row's window and target from its own generator and begin the episodes.
