@@ -48,6 +48,8 @@ class CompressionMetricsCallback(BaseCallback):
         self._steps: dict[str, list[float]] = defaultdict(list)
         self._started = time.perf_counter()
         self._start_timesteps = 0
+        #: The scalars logged at the end of the last rollout (for summaries after training).
+        self.last_values: dict[str, float] = {}
 
     def _on_rollout_start(self) -> None:
         self._started = time.perf_counter()
@@ -75,12 +77,11 @@ class CompressionMetricsCallback(BaseCallback):
         return True
 
     def _on_rollout_end(self) -> None:
-        for key, values in self._episodes.items():
-            if values:
-                self.logger.record(f"compression/{key}", float(np.mean(values)))
-        for key, values in self._steps.items():
-            if values:
-                self.logger.record(f"reward/{key.removeprefix('reward_')}", float(np.mean(values)))
+        means = {f"compression/{key}": float(np.mean(values)) for key, values in self._episodes.items() if values}
+        means |= {f"reward/{key.removeprefix('reward_')}": float(np.mean(values)) for key, values in self._steps.items() if values}
+        for key, value in means.items():
+            self.logger.record(key, value)
+        self.last_values = means
         elapsed = time.perf_counter() - self._started
         if elapsed > 0:
             self.logger.record("system/steps_per_second", (self.num_timesteps - self._start_timesteps) / elapsed)

@@ -346,7 +346,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         if distill_logger is not None:
             distill_logger.close()
     checkpoint = JointCheckpointCallback(config.save_freq, run_dir, reconstructor, finetune, resolved, verbose=config.verbose)
-    callbacks = [CompressionMetricsCallback(), *([finetune] if finetune else []), checkpoint]
+    metrics = CompressionMetricsCallback()
+    callbacks = [metrics, *([finetune] if finetune else []), checkpoint]
     interrupted = False
 
     def _on_sigint(signum: int, frame: FrameType | None) -> None:
@@ -379,7 +380,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "finetune_rounds": finetune.rounds if finetune else 0,
         "distillation": distill_report,
         "last_reconstructor_loss": finetune.last_loss if finetune else None,
-        "logged": {k: v for k, v in model.logger.name_to_value.items()} if hasattr(model, "logger") else {},
+        "last_rollout": metrics.last_values,
     }
     if not interrupted:
         checkpoint.save()

@@ -84,6 +84,7 @@ def test_metrics_checkpoints_and_resume(tmp_path, test_reconstructor_dir):
         "train/entropy_loss",
     ):
         assert tag in scalars, tag
+    assert 0.0 < first["last_rollout"]["compression/achieved_mask_rate"] < 1.0
     achieved = [v for _, v in scalars["compression/achieved_mask_rate"]]
     assert all(0.0 < v < 1.0 for v in achieved)
 
