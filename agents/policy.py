@@ -387,6 +387,16 @@ class _TokenPolicyMixin(_MixinBase):
         """Context appended to every token by :meth:`token_mask_logits` (None for feed-forward policies)."""
         return None
 
+    def predict_values(self, obs: PyTorchObs) -> th.Tensor:
+        """State values (feed-forward policies; the recurrent policy overrides this).
+
+        :param obs: Observations
+        :return: ``[B, 1]``
+        """
+        pre = self._preprocess(obs)
+        h_vf = self._vf_tokens.token_features(pre)
+        return self._value(self._summary(h_vf, pre))
+
     def token_mask_logits(self, obs: PyTorchObs | dict[str, np.ndarray], exclude_invalid: bool = True) -> th.Tensor:
         """Mask logits for every position of whole windows at once, without stepping the environment.
 
@@ -467,16 +477,6 @@ class TokenActorCriticPolicy(_TokenPolicyMixin, ActorCriticPolicy):
         h_pi = self._pi_tokens.token_features(pre)
         return self._distribution(*self._chunk_logits(h_pi, pre))
 
-    def predict_values(self, obs: PyTorchObs) -> th.Tensor:
-        """State values.
-
-        :param obs: Observations
-        :return: ``[B, 1]``
-        """
-        pre = self._preprocess(obs)
-        h_vf = self._vf_tokens.token_features(pre)
-        return self._value(self._summary(h_vf, pre))
-
 
 class MaskableTokenActorCriticPolicy(_TokenPolicyMixin, MaskableActorCriticPolicy):  # type: ignore[misc]
     """Per-token actor-critic policy for sb3-contrib's MaskablePPO (see the module docstring).
@@ -547,16 +547,6 @@ class MaskableTokenActorCriticPolicy(_TokenPolicyMixin, MaskableActorCriticPolic
         pre = self._preprocess(obs)
         h_pi = self._pi_tokens.token_features(pre)
         return self._masked_distribution(h_pi, pre, action_masks)
-
-    def predict_values(self, obs: PyTorchObs) -> th.Tensor:
-        """State values.
-
-        :param obs: Observations
-        :return: ``[B, 1]``
-        """
-        pre = self._preprocess(obs)
-        h_vf = self._vf_tokens.token_features(pre)
-        return self._value(self._summary(h_vf, pre))
 
 
 class RecurrentTokenActorCriticPolicy(_TokenPolicyMixin, RecurrentActorCriticPolicy):

@@ -44,7 +44,6 @@ from callbacks.checkpoint import (
     load_checkpoint_state,
     load_reconstructor_optimizer,
     recover_checkpoint,
-    save_run_artifacts,
 )
 from callbacks.joint_training import ReconstructorFinetuneCallback
 from callbacks.metrics import CompressionMetricsCallback
@@ -383,8 +382,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "last_rollout": metrics.last_values,
     }
     if not interrupted:
-        checkpoint.save()
-        save_run_artifacts(run_dir / "final.tmp", model, reconstructor, finetune, resolved, {"seconds": seconds})
+        # The final checkpoint is the run's result: publish a copy of it at the run's root.
+        shutil.rmtree(run_dir / "final.tmp", ignore_errors=True)
+        shutil.copytree(checkpoint.save(), run_dir / "final.tmp")
         for name in ("agent.zip", "reconstructor", "reconstructor_optimizer.pt", "state.json"):
             target = run_dir / name
             if target.is_dir():
