@@ -5,11 +5,21 @@ Measures, on the same windows and the same shared reconstructor:
 * (a) ``vector_env``: :class:`TokenMaskVectorEnv` with N envs behind the SB3 adapter (what PPO steps),
   plus the bare Gymnasium vector env (``vector_env_gymnasium``);
 * (b) ``dummy_vec_env``: N single :class:`TokenMaskEnv` in SB3's ``DummyVecEnv``;
-* (c) ``reconstructor``: :meth:`Reconstructor.score` on ``[N, seq_len]`` batches with random masks, the
-  forward pass the env cannot avoid.
+* (c) ``reconstructor``: the bare reconstructor forward (the model's logits, nothing else) over the
+  same number of ``[N, seq_len]`` compressed windows with random masks, in the precision the envs score
+  in, run as the env must run it: ``seq_len / chunk_size`` forwards of ``[N, chunk_size]`` tokens on the
+  KV cache of the chunks before, since each step's reward needs that step's chunk scored. This is the
+  model the env cannot avoid. Reported beside it: ``reconstructor_full_window`` (one forward per window,
+  what scoring a finished window would cost) and ``reconstructor_score`` (:meth:`Reconstructor.score`:
+  the full-window forward plus surprisal and guesses at every position).
 
-Each is timed ``--repeats`` times, interleaved (the CPU may be shared), and the best run is kept.
-Usage: ``python -m experiments.benchmark_env --out FILE.json [--reconstructor tiny] [--num-envs 16]``.
+All three use the same ``--scoring-dtype`` (default ``auto``: bfloat16 where the hardware multiplies it
+natively, float32 elsewhere). When that is not float32, ``scoring_precision`` reports how far the
+surprisal of the dropped tokens moves from float32 (mean and max over the benchmark's windows), so the
+speed is never shown without its accuracy cost. Each configuration is timed ``--repeats`` times,
+interleaved (the CPU may be shared), and the best run is kept.
+
+Usage: ``python -m experiments.benchmark_env --out FILE.json [--reconstructor tiny] [--num-envs 16] [--scoring-dtype float32]``.
 """
 
 from __future__ import annotations
@@ -28,7 +38,7 @@ import torch
 from stable_baselines3.common.vec_env import DummyVecEnv
 
 from tokencompress_env.env import TokenMaskEnv, corpus_windows, load_reconstructor
-from tokencompress_env.reconstructor import Reconstructor
+from tokencompress_env.reconstructor import CACHE_ARG, SCORING_DTYPES, Reconstructor, cpu_has_native_bf16, resolve_scoring_dtype
 from tokencompress_env.sb3_vec_env import TokenMaskSB3VecEnv
 from tokencompress_env.vector_env import TokenMaskVectorEnv
 
@@ -51,6 +61,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--episodes", type=int, default=6, help="episodes per timed run")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per configuration (best kept)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--scoring-dtype", default="auto", choices=SCORING_DTYPES, help="precision of every reconstructor forward")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
@@ -62,7 +73,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     n, k, length = args.num_envs, args.chunk_size, args.seq_len
     steps = args.episodes * (length // k)
     actions = rng.integers(0, 2, (steps, n, k)).astype(np.int8)
-    common: dict[str, Any] = {"reconstructor": recon, "windows": windows, "seq_len": length, "chunk_size": k}
+    dtype = resolve_scoring_dtype(args.scoring_dtype, recon.device)
+    common: dict[str, Any] = {
+        "reconstructor": recon,
+        "windows": windows,
+        "seq_len": length,
+        "chunk_size": k,
+        "scoring_dtype": args.scoring_dtype,
+    }
 
     vec = TokenMaskVectorEnv(num_envs=n, **common)
     sb3_vec = TokenMaskSB3VecEnv(TokenMaskVectorEnv(num_envs=n, **common))
@@ -76,30 +94,69 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batches = [windows[rng.choice(len(windows), n)] for _ in range(args.episodes)]
     masks = [rng.random((n, length)) < 0.5 for _ in batches]
     episode_ids = np.arange(args.episodes)
+    model = recon.inference_model(dtype)
+    inputs = [recon.compressed_inputs(torch.as_tensor(b), torch.as_tensor(m)) for b, m in zip(batches, masks, strict=True)]
 
     def bare(i: np.ndarray) -> None:
-        recon.score(batches[int(i)], masks[int(i)])
+        cache = None
+        for start in range(0, length, k):
+            cache = getattr(model(input_ids=inputs[int(i)][:, start : start + k], use_cache=True, **{CACHE_ARG: cache}), CACHE_ARG)
 
-    runs: dict[str, list[float]] = {"vector_env": [], "vector_env_gymnasium": [], "dummy_vec_env": [], "reconstructor": []}
+    def bare_full(i: np.ndarray) -> None:
+        model(input_ids=inputs[int(i)], use_cache=False)
+
+    def scored(i: np.ndarray) -> None:
+        recon.score(batches[int(i)], masks[int(i)], dtype=dtype)
+
+    runs: dict[str, list[float]] = {
+        name: []
+        for name in (
+            "vector_env",
+            "vector_env_gymnasium",
+            "dummy_vec_env",
+            "reconstructor",
+            "reconstructor_full_window",
+            "reconstructor_score",
+        )
+    }
     decisions = steps * n * k
     with torch.inference_mode():
         _time_env(lambda a: vec.step(a), actions[: length // k])  # warm-up
         _time_env(lambda a: dummy.step(a), actions[: length // k])
         bare(episode_ids[0])
+        bare_full(episode_ids[0])
+        scored(episode_ids[0])
         for _ in range(args.repeats):
             runs["vector_env"].append(decisions / _time_env(lambda a: sb3_vec.step(a), actions))
             runs["vector_env_gymnasium"].append(decisions / _time_env(lambda a: vec.step(a), actions))
             runs["dummy_vec_env"].append(decisions / _time_env(lambda a: dummy.step(a), actions))
             runs["reconstructor"].append(decisions / _time_env(bare, episode_ids))
+            runs["reconstructor_full_window"].append(decisions / _time_env(bare_full, episode_ids))
+            runs["reconstructor_score"].append(decisions / _time_env(scored, episode_ids))
+        precision: dict[str, Any] = {"dtype": str(dtype).removeprefix("torch.")}
+        if dtype != torch.float32:
+            gaps = []
+            for b, m in zip(batches, masks, strict=True):
+                low, full = recon.score(b, m, dtype=dtype), recon.score(b, m)
+                gaps.append((low.surprisal - full.surprisal)[full.mask].abs())
+            gap = torch.cat(gaps)
+            precision.update(
+                {
+                    "dropped_tokens": int(gap.numel()),
+                    "mean_abs_bits_vs_float32": gap.mean().item(),
+                    "max_abs_bits_vs_float32": gap.max().item(),
+                }
+            )
 
     best = {key: max(values) for key, values in runs.items()}
     result: dict[str, Any] = {
-        "unit": "token decisions per second (reconstructor: tokens scored per second)",
+        "unit": "token decisions per second (reconstructor*: tokens through the model per second)",
         "token_decisions_per_s": best,
         "runs": runs,
         "ratio_vector_over_dummy": best["vector_env"] / best["dummy_vec_env"],
         "ratio_vector_over_reconstructor": best["vector_env"] / best["reconstructor"],
         "targets": {"vector_over_dummy": 5.0, "vector_over_reconstructor": 0.75},
+        "scoring_precision": precision,
         "config": {
             "reconstructor": args.reconstructor,
             "reconstructor_parameters": recon.num_parameters(),
@@ -109,6 +166,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "steps_per_run": steps,
             "repeats": args.repeats,
             "device": str(recon.device),
+            "scoring_dtype": args.scoring_dtype,
+            "cpu_has_native_bf16": cpu_has_native_bf16(),
             "torch_threads": torch.get_num_threads(),
             "cpu_count": os.cpu_count(),
             "machine": platform.machine(),

@@ -49,7 +49,7 @@ from callbacks.joint_training import ReconstructorFinetuneCallback
 from callbacks.metrics import CompressionMetricsCallback
 from experiments.config import cli_main, parse_config
 from tokencompress_env.errors import CheckpointError, ConfigError, ReconstructorLoadError, TokenCompressError
-from tokencompress_env.reconstructor import Reconstructor, resolve_device
+from tokencompress_env.reconstructor import SCORING_DTYPES, Reconstructor, resolve_device
 from tokencompress_env.sb3_vec_env import TokenMaskSB3VecEnv
 from tokencompress_env.vector_env import TokenMaskVectorEnv
 
@@ -79,6 +79,9 @@ class TrainConfig:
     :param rate_penalty: cost per token of deviation from the target (``None``: twice the price)
     :param observe_surprisal: give the policy the reconstructor's surprisal of the original tokens
     :param keep_digits: force-keep tokens with digits
+    :param scoring_dtype: precision of the env's reconstructor forward passes: ``auto`` (bfloat16 where the hardware
+        multiplies it natively: CUDA, or a CPU with AMX; float32 elsewhere), ``float32``, ``bfloat16`` or ``float16``.
+        The reconstructor's weights, its fine-tuning and the evaluation stay float32.
     :param policy_lr: learning rate of the agent
     :param n_steps: steps per env per rollout
     :param batch_size: PPO minibatch size
@@ -126,6 +129,7 @@ class TrainConfig:
     rate_penalty: float | None = None
     observe_surprisal: bool = False
     keep_digits: bool = False
+    scoring_dtype: str = "auto"
     policy_lr: float = 3e-4
     n_steps: int = 32
     batch_size: int = 128
@@ -164,6 +168,8 @@ class TrainConfig:
             raise ConfigError("mask rates must satisfy 0 <= mask_rate_min <= mask_rate_max < 1")
         if self.seq_len % self.chunk_size:
             raise ConfigError(f"seq_len ({self.seq_len}) must be a multiple of chunk_size ({self.chunk_size})")
+        if self.scoring_dtype not in SCORING_DTYPES:
+            raise ConfigError(f"scoring_dtype must be one of {', '.join(SCORING_DTYPES)}, got '{self.scoring_dtype}'")
 
     @property
     def run_dir(self) -> Path:
@@ -220,6 +226,7 @@ def make_training_env(config: TrainConfig, reconstructor: Reconstructor, split: 
         rate_penalty=config.rate_penalty,
         observe_surprisal=config.observe_surprisal,
         keep_digits=config.keep_digits,
+        scoring_dtype=config.scoring_dtype,
     )
     env = TokenMaskSB3VecEnv(venv)
     env.seed(config.seed)
@@ -376,6 +383,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "num_timesteps": int(model.num_timesteps),
         "seconds": seconds,
         "interrupted": interrupted,
+        "scoring_dtype": str(env.venv.venv.core.scorer.dtype).removeprefix("torch."),  # type: ignore[attr-defined]
         "finetune_rounds": finetune.rounds if finetune else 0,
         "distillation": distill_report,
         "last_reconstructor_loss": finetune.last_loss if finetune else None,

@@ -258,7 +258,7 @@ def test_reward_sign_near_certain_drop_beats_surprising_drop(fresh_reconstructor
 
 
 def test_reward_tracks_reconstructor_surprisal(test_reconstructor: Reconstructor, windows: np.ndarray) -> None:
-    env = make_env(test_reconstructor, windows)
+    env = make_env(test_reconstructor, windows, scoring_dtype="float32")  # compared with float32 scores to 1e-4 bits
     bits = test_reconstructor.surprisal(windows[:, :CHUNK]).cpu().numpy()  # nothing masked before: same context as the env
     low = np.unravel_index(np.argmin(bits), bits.shape)
     high = np.unravel_index(np.argmax(bits), bits.shape)
@@ -270,6 +270,23 @@ def test_reward_tracks_reconstructor_surprisal(test_reconstructor: Reconstructor
     assert info_low["reward_tokens"] == pytest.approx((8.0 - bits[low]) / TEST_SEQ_LEN, abs=1e-4)
     assert info_high["reward_tokens"] == pytest.approx((8.0 - min(bits[high], 20.0)) / TEST_SEQ_LEN, abs=1e-4)
     assert info_low["masked_bits"] == pytest.approx(bits[low], abs=1e-4)
+
+
+def test_bfloat16_scoring_moves_rewards_by_hundredths_of_a_bit(test_reconstructor: Reconstructor, windows: np.ndarray) -> None:
+    envs = {dtype: make_env(test_reconstructor, windows, scoring_dtype=dtype) for dtype in ("float32", "bfloat16")}
+    assert envs["bfloat16"].core.scorer.dtype == torch.bfloat16 and envs["float32"].core.scorer.dtype == torch.float32
+    rng = np.random.default_rng(5)
+    plans = [rng.integers(0, 2, (TEST_SEQ_LEN // CHUNK, CHUNK)) for _ in range(6)]
+    bits: dict[str, list[float]] = {"float32": [], "bfloat16": []}
+    for dtype, env in envs.items():
+        for w, plan in enumerate(plans):
+            env.reset(seed=0, options={"window_index": w, "target_mask_rate": 0.5})
+            _, _, infos = run_episode(env, list(plan))
+            bits[dtype].append(infos[-1]["masked_bits_total"] / max(infos[-1]["n_masked"], 1))
+    gap = np.abs(np.array(bits["bfloat16"]) - np.array(bits["float32"]))
+    assert np.mean(bits["float32"]) > 1.0  # real distortion, not a degenerate zero
+    assert gap.max() < 0.1  # bits per dropped token, per episode
+    assert not np.array_equal(bits["bfloat16"], bits["float32"])  # the copy really scores in bfloat16
 
 
 def test_simple_reward_counts_recovered_and_wrong_drops(test_reconstructor: Reconstructor, windows: np.ndarray) -> None:

@@ -11,7 +11,7 @@ import torch
 
 from tokencompress_env.errors import ReconstructorLoadError
 from tokencompress_env.pretrain import PretrainConfig, bits_per_masked_token, fixed_rate_masks, pretrain, random_masks
-from tokencompress_env.reconstructor import Reconstructor, resolve_device
+from tokencompress_env.reconstructor import Reconstructor, cpu_has_native_bf16, resolve_device, resolve_scoring_dtype
 from tokencompress_env.tokenizer import MASK_TOKEN, train_bpe_tokenizer
 
 
@@ -205,3 +205,63 @@ def test_device_auto_is_cpu_here():
     if not torch.cuda.is_available():
         assert resolve_device("auto").type in {"cpu", "mps"}
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+# ---------------------------------------------------------------------------------------------- cheaper scoring
+def _scored(rec, x, m, positions, chunk):
+    """surprisal / prediction / correct of every position, from one forward pass or chunk by chunk."""
+    if chunk is None:
+        parts = [rec.score(x, m, positions=positions)]
+    else:
+        state = rec.begin_scoring(len(x))
+        parts = [rec.score_chunk(state, x[:, s : s + chunk], m[:, s : s + chunk], positions=positions) for s in range(0, x.shape[1], chunk)]
+    return {field: torch.cat([getattr(p, field) for p in parts], dim=1) for field in ("surprisal", "prediction", "correct")}
+
+
+@pytest.mark.parametrize("chunk", [None, 16])
+def test_masked_positions_only_match_all_positions_where_it_matters(test_reconstructor, test_windows, chunk):
+    x = test_windows["validation"][:4]
+    m = _masks(x.shape, 0.4, seed=6)
+    m[0] = False  # a window with nothing dropped: the output layer runs nowhere in it
+    every = _scored(test_reconstructor, x, m, "all", chunk)
+    only = _scored(test_reconstructor, x, m, "masked", chunk)
+    mt = torch.as_tensor(m)
+    assert torch.allclose(only["surprisal"][mt], every["surprisal"][mt], atol=1e-4)
+    assert torch.equal(only["prediction"][mt], every["prediction"][mt])
+    assert torch.equal(only["correct"][mt], every["correct"][mt])
+    assert float(only["surprisal"][~mt].abs().sum()) == 0.0  # kept tokens cost nothing ...
+    assert torch.equal(only["prediction"][~mt], torch.as_tensor(x)[~mt])  # ... and are "recovered" as themselves
+    assert bool(only["correct"][~mt].all())
+
+
+def test_resolve_scoring_dtype():
+    assert resolve_scoring_dtype("float32") == torch.float32 and resolve_scoring_dtype(None) == torch.float32
+    assert resolve_scoring_dtype("bfloat16") == torch.bfloat16 and resolve_scoring_dtype("float16") == torch.float16
+    assert resolve_scoring_dtype("auto", "cpu") == (torch.bfloat16 if cpu_has_native_bf16() else torch.float32)
+    assert resolve_scoring_dtype("auto", "mps") == torch.float32
+    with pytest.raises(ValueError, match="scoring dtype"):
+        resolve_scoring_dtype("float8")
+
+
+def test_bfloat16_copy_follows_the_float32_master(fresh_reconstructor, test_windows):
+    rec = fresh_reconstructor
+    x = test_windows["validation"][:8]
+    m = _masks(x.shape, 0.5, seed=7)
+    assert rec.inference_model(None) is rec.model and rec.inference_model(torch.float32) is rec.model
+    copy16 = rec.inference_model(torch.bfloat16)
+    assert rec.inference_model(torch.bfloat16) is copy16  # cached while the master does not change
+    assert next(copy16.parameters()).dtype == torch.bfloat16 and next(rec.model.parameters()).dtype == torch.float32
+    before32, before16 = rec.score(x, m).surprisal, rec.score(x, m, dtype=torch.bfloat16).surprisal
+    assert float((before16 - before32)[torch.as_tensor(m)].abs().mean()) < 0.05
+    # One optimizer step on the master (as joint training does): the bfloat16 copy must follow.
+    optimizer = torch.optim.AdamW(rec.model.parameters(), lr=1e-2)
+    loss = rec.training_loss(torch.as_tensor(x), torch.as_tensor(m))
+    loss.backward()
+    optimizer.step()
+    after32, after16 = rec.score(x, m).surprisal, rec.score(x, m, dtype=torch.bfloat16).surprisal
+    assert float((after32 - before32).abs().max()) > 0.1  # the step changed the model
+    assert float((after16 - after32)[torch.as_tensor(m)].abs().mean()) < 0.05
+    assert rec.inference_model(torch.bfloat16) is copy16  # refreshed in place, not rebuilt
+    for master, low in zip(rec.model.parameters(), copy16.parameters(), strict=True):
+        assert torch.equal(master.detach().to(torch.bfloat16), low)
+    assert "_inference_copies" in rec.__dict__ and rec.__getstate__()["_inference_copies"] == {}

@@ -269,6 +269,7 @@ CASES = [
         (*TRAIN, "--mask_rate_min", "0.7", "--mask_rate_max", "0.3"),
         ("mask_rate_min <= mask_rate_max",),
     ),
+    Case("train-scoring-dtype", "train_ppo", (*TRAIN, "--scoring_dtype", "fp8"), ("scoring_dtype must be one of", "bfloat16", "'fp8'")),
     Case("train-rate-nan", "train_ppo", (*TRAIN, "--mask_rate_min", "nan"), ("'mask_rate_min' expects float", "'nan'")),
     Case("train-rate-inf", "train_ppo", (*TRAIN, "--mask_rate_max", "inf"), ("mask_rate_max < 1",)),
     Case("eval-rate-high", "evaluate", (*EVAL, "--mask_rates", "0.5", "1.5"), ("mask_rates must be", "[0, 1]", "1.5")),

@@ -14,6 +14,7 @@ import torch
 
 from callbacks.joint_training import ReconstructorFinetuneCallback, masks_from_rollout
 from experiments.train_ppo import TrainConfig, train
+from tokencompress_env.reconstructor import resolve_scoring_dtype
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "experiments" / "configs" / "dev" / "debug.json"
@@ -85,6 +86,7 @@ def test_metrics_checkpoints_and_resume(tmp_path, test_reconstructor_dir):
     ):
         assert tag in scalars, tag
     assert 0.0 < first["last_rollout"]["compression/achieved_mask_rate"] < 1.0
+    assert first["scoring_dtype"] == str(resolve_scoring_dtype("auto", "cpu")).removeprefix("torch.")  # no GPU in the test runs
     achieved = [v for _, v in scalars["compression/achieved_mask_rate"]]
     assert all(0.0 < v < 1.0 for v in achieved)
 

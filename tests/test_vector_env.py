@@ -7,6 +7,7 @@ from pathlib import Path
 import gymnasium as gym
 import numpy as np
 import pytest
+import torch
 from gymnasium.vector import AutoresetMode
 
 from tests.conftest import TEST_SEQ_LEN
@@ -87,22 +88,22 @@ def test_batched_equals_single(test_reconstructor: Reconstructor, windows: np.nd
             assert infos["mask_rate"][i] == pytest.approx(s_info["mask_rate"])
 
 
-def test_one_reconstructor_forward_per_step(test_reconstructor: Reconstructor, windows: np.ndarray) -> None:
-    venv = TokenMaskVectorEnv(num_envs=N, reconstructor=test_reconstructor, windows=windows, seq_len=TEST_SEQ_LEN, chunk_size=CHUNK)
-    calls: list[tuple[int, ...]] = []
-    original = test_reconstructor.model.forward
-
-    def counting_forward(*args: object, **kwargs: object) -> object:
-        calls.append(tuple(kwargs["input_ids"].shape))  # type: ignore[union-attr]
-        return original(*args, **kwargs)
-
+@pytest.mark.parametrize("scoring_dtype", ["float32", "bfloat16"])
+def test_one_reconstructor_forward_per_step(test_reconstructor: Reconstructor, windows: np.ndarray, scoring_dtype: str) -> None:
+    venv = TokenMaskVectorEnv(
+        num_envs=N, reconstructor=test_reconstructor, windows=windows, seq_len=TEST_SEQ_LEN, chunk_size=CHUNK, scoring_dtype=scoring_dtype
+    )
     venv.reset(seed=0)
-    test_reconstructor.model.forward = counting_forward  # type: ignore[method-assign]
+    # Every forward pass of the scoring model (the master, or its bfloat16 copy) starts at its token embedding.
+    scoring_model = test_reconstructor.inference_model(venv.core.scorer.dtype)
+    assert next(scoring_model.parameters()).dtype == getattr(torch, scoring_dtype)
+    calls: list[tuple[int, ...]] = []
+    hook = scoring_model.get_input_embeddings().register_forward_pre_hook(lambda _module, args: calls.append(tuple(args[0].shape)))
     try:
         for _ in range(STEPS - 1):
             venv.step(np.ones((N, CHUNK), dtype=np.int8))
     finally:
-        del test_reconstructor.model.forward
+        hook.remove()
     assert calls == [(N, CHUNK)] * (STEPS - 1)
 
 

@@ -23,7 +23,7 @@ from gymnasium.error import ResetNeeded
 from tokencompress_env.data import CorpusSpec, prepare_corpus, tokenizer_id, window_array
 from tokencompress_env.errors import ConfigError, DataSourceError, InputError
 from tokencompress_env.paths import cache_root
-from tokencompress_env.reconstructor import PRESETS, Reconstructor, default_reconstructor_dir, resolve_device
+from tokencompress_env.reconstructor import PRESETS, SCORING_DTYPES, Reconstructor, default_reconstructor_dir, resolve_device
 from tokencompress_env.reward import EpisodeScorer, RewardConfig, StepOutcome
 
 #: Decision codes in the ``decisions`` observation.
@@ -250,6 +250,7 @@ class TokenMaskCore:
     :param chunk_size: tokens decided per step
     :param batch_size: episodes run together
     :param observe_surprisal: compute the ``surprisal`` observation at each episode start
+    :param scoring_dtype: precision of the reconstructor's forward passes (``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"``)
     """
 
     def __init__(
@@ -261,6 +262,7 @@ class TokenMaskCore:
         chunk_size: int,
         batch_size: int,
         observe_surprisal: bool = False,
+        scoring_dtype: str = "float32",
     ) -> None:
         self.reconstructor = reconstructor
         self.windows = windows
@@ -271,7 +273,7 @@ class TokenMaskCore:
         self.observe_surprisal = observe_surprisal
         self.vocab_size = reconstructor.vocab_size
         self.observation_space, self.action_space = make_spaces(seq_len, chunk_size, self.vocab_size, observe_surprisal)
-        self.scorer = EpisodeScorer(reconstructor, reward_config, seq_len, batch_size)
+        self.scorer = EpisodeScorer(reconstructor, reward_config, seq_len, batch_size, scoring_dtype)
         shape = (batch_size, seq_len)
         self.token_ids = np.zeros(shape, dtype=np.int64)
         self.valid = np.zeros(shape, dtype=bool)
@@ -336,7 +338,7 @@ class TokenMaskCore:
         self.position = 0
         self.scorer.begin(np.asarray(target, dtype=np.float64), self.valid.sum(1))
         if self.observe_surprisal:
-            bits = self.reconstructor.surprisal(self.token_ids, self.valid)
+            bits = self.reconstructor.surprisal(self.token_ids, self.valid, dtype=self.scorer.dtype)
             self.surprisal[:] = bits.clamp(0.0, MAX_SURPRISAL_BITS).cpu().numpy()
         self._last = self._zero_outcome()
         self._needs_rebuild = False
@@ -344,10 +346,11 @@ class TokenMaskCore:
 
     def _rebuild_cache(self) -> None:
         """Re-score the decided prefix to rebuild the KV cache (after unpickling)."""
-        self.scorer.state = self.reconstructor.begin_scoring(self.batch_size)
+        self.scorer.state = self.reconstructor.begin_scoring(self.batch_size, self.scorer.dtype)
         if self.position > 0:
             p = self.position
-            self.reconstructor.score_chunk(self.scorer.state, self.token_ids[:, :p], self.decisions[:, :p] == MASKED, self.valid[:, :p])
+            dropped = self.decisions[:, :p] == MASKED
+            self.reconstructor.score_chunk(self.scorer.state, self.token_ids[:, :p], dropped, self.valid[:, :p], positions="masked")
         self._needs_rebuild = False
 
     def step(self, actions: np.ndarray) -> StepOutcome:
@@ -462,6 +465,7 @@ def build_core(
     chunk_size: int,
     reward_config: RewardConfig,
     observe_surprisal: bool,
+    scoring_dtype: str,
     keep_digits: bool,
     force_keep_strings: Sequence[str],
     device: str,
@@ -478,6 +482,7 @@ def build_core(
     :param chunk_size: tokens decided per step
     :param reward_config: reward coefficients
     :param observe_surprisal: include the surprisal observation
+    :param scoring_dtype: precision of the reconstructor's forward passes
     :param keep_digits: force-keep tokens with digits
     :param force_keep_strings: strings whose occurrences are force-kept
     :param device: where a named reconstructor runs
@@ -491,6 +496,8 @@ def build_core(
         raise ConfigError(f"seq_len and chunk_size must be positive, got {seq_len} and {chunk_size}")
     if seq_len % chunk_size != 0:
         raise ConfigError(f"seq_len ({seq_len}) must be a multiple of chunk_size ({chunk_size})")
+    if scoring_dtype not in SCORING_DTYPES:
+        raise ConfigError(f"scoring_dtype must be one of {SCORING_DTYPES}, got '{scoring_dtype}'")
     if isinstance(force_keep_strings, str):
         force_keep_strings = (force_keep_strings,)
     model = reconstructor if isinstance(reconstructor, Reconstructor) else load_reconstructor(reconstructor, device)
@@ -504,7 +511,8 @@ def build_core(
     if token_ids.min() < 0 or token_ids.max() >= model.vocab_size:
         raise InputError(f"token ids must lie in [0, {model.vocab_size}) for this reconstructor")
     keep = force_keep_mask(token_ids, real, model, keep_digits, tuple(force_keep_strings))
-    return TokenMaskCore(model, WindowSet(token_ids, real, keep), reward_config, seq_len, chunk_size, batch_size, observe_surprisal)
+    windows_set = WindowSet(token_ids, real, keep)
+    return TokenMaskCore(model, windows_set, reward_config, seq_len, chunk_size, batch_size, observe_surprisal, scoring_dtype)
 
 
 def check_mask_rate_range(mask_rate_range: Sequence[float]) -> tuple[float, float]:
@@ -588,7 +596,12 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
     ## Rewards
 
     Each step scores the new chunk with the reconstructor's cached-prefix scoring
-    (:meth:`Reconstructor.score_chunk`: one forward pass over the window per episode in total).
+    (:meth:`Reconstructor.score_chunk`: one forward pass over the window per episode in total). The
+    output layer runs at the dropped tokens only, the only ones whose surprisal the reward uses. With
+    ``scoring_dtype="auto"`` the forward passes run in bfloat16 where the hardware multiplies it natively
+    (CUDA, or a CPU with AMX) and in float32 elsewhere; bfloat16 moves a token's surprisal by about 0.01
+    bits on average (``experiments.benchmark_env`` measures it). Pass ``scoring_dtype="float32"`` for
+    bit-for-bit float32 rewards.
 
     * ``info_theoretic`` (default): each dropped token earns ``bits_saved_per_mask`` (the price of a
       token, default 8 bits) and pays its surprisal under the reconstructor given the compressed
@@ -640,6 +653,9 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
     * ``bits_saved_per_mask=8.0``, ``surprisal_clip=20.0``, ``mask_bonus=1.0``, ``wrong_penalty=2.0``,
       ``rate_penalty=None``, ``reward_scale=None``: reward coefficients (see Rewards)
     * ``device="auto"``: where a named reconstructor runs
+    * ``scoring_dtype="auto"``: precision of the reconstructor's forward passes (``"auto"``, ``"float32"``,
+      ``"bfloat16"``, ``"float16"``; see Rewards). Joint training keeps float32 weights either way: the
+      bfloat16 copy is refreshed whenever they change.
 
     Direct construction only (never through ``gymnasium.make``, whose kwargs are deep-copied and must
     serialise): ``reconstructor`` may be a :class:`Reconstructor` object, and ``windows`` (``[N, L]``
@@ -675,6 +691,8 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
     :param rate_penalty: cost per token of deviation from the target (``None``: default)
     :param reward_scale: divisor of every reward (``None``: ``seq_len``)
     :param device: where a named reconstructor runs
+    :param scoring_dtype: precision of the reconstructor's forward passes: ``"auto"`` (bfloat16 where native), ``"float32"``,
+        ``"bfloat16"`` or ``"float16"``
     :param windows: (direct construction) token-id windows replacing the corpus
     :param valid: (direct construction) real positions of ``windows``
     :param render_mode: ``None`` or ``"ansi"`` (the window as text, dropped tokens as the mask token)
@@ -701,6 +719,7 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
         rate_penalty: float | None = None,
         reward_scale: float | None = None,
         device: str = "auto",
+        scoring_dtype: str = "auto",
         windows: np.ndarray | Sequence[Sequence[int]] | None = None,
         valid: np.ndarray | None = None,
         render_mode: str | None = None,
@@ -721,6 +740,7 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
             chunk_size=chunk_size,
             reward_config=self.reward_config,
             observe_surprisal=observe_surprisal,
+            scoring_dtype=scoring_dtype,
             keep_digits=keep_digits,
             force_keep_strings=force_keep_strings,
             device=device,

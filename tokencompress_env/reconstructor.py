@@ -12,16 +12,29 @@ environment, the baselines and the evaluation all call it (or its cached-prefix 
 :meth:`Reconstructor.score_chunk`, which scores the next chunk of a window given a KV cache of the
 chunks before it, so that scoring a whole episode chunk by chunk costs about one forward pass over
 the window). :meth:`Reconstructor.training_loss` trains on exactly the same inputs.
+
+Two options make scoring cheaper without changing what it means:
+
+* ``positions="masked"`` runs the output layer (the ``[d, vocab]`` matrix product and the softmax)
+  only at the dropped positions, the only ones whose surprisal a distortion needs; kept positions
+  report 0 bits and their own token as the guess.
+* ``dtype`` scores with a copy of the model in another precision (``torch.bfloat16`` where the hardware
+  multiplies it natively: CUDA, or a CPU with AMX). The copy is made once and refreshed whenever the
+  float32 master weights change (an optimizer step, a ``load_state_dict``), so joint training keeps
+  float32 weights while the environment scores in bfloat16. :func:`resolve_scoring_dtype` turns the
+  names ``"auto"``, ``"float32"``, ``"bfloat16"`` and ``"float16"`` into a dtype.
 """
 
 from __future__ import annotations
 
+import copy
+import functools
 import inspect
 import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, Literal, cast
 
 import numpy as np
 import torch
@@ -46,7 +59,7 @@ BUILD_INFO = "tokencompress.json"
 ArrayLike = torch.Tensor | np.ndarray
 
 # transformers 5 renamed ``past_key_values`` to ``cache`` (argument and output); support both.
-_CACHE_ARG = "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
+CACHE_ARG = "cache" if "cache" in inspect.signature(GPT2LMHeadModel.forward).parameters else "past_key_values"
 
 
 def resolve_device(device: str | torch.device = "auto") -> torch.device:
@@ -64,6 +77,55 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     return torch.device(device)
+
+
+#: Names accepted by :func:`resolve_scoring_dtype` (the ``scoring_dtype`` of TokenMask-v0).
+SCORING_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+#: Which positions :meth:`Reconstructor.score` and :meth:`Reconstructor.score_chunk` run the output layer at.
+Positions = Literal["all", "masked"]
+
+
+@functools.cache
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices in hardware (Intel AMX), where bfloat16 beats float32.
+
+    :return: ``True`` with AMX tiles, ``False`` otherwise (or when torch cannot tell)
+    """
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    try:
+        return bool(probe()) if probe is not None else False
+    except Exception:
+        return False
+
+
+def resolve_scoring_dtype(name: str | torch.dtype | None, device: str | torch.device = "cpu") -> torch.dtype:
+    """Turn a scoring precision name into a dtype.
+
+    ``"auto"`` picks ``torch.bfloat16`` where it is native and fast (a CUDA device that supports it, or
+    a CPU with AMX, see :func:`cpu_has_native_bf16`) and ``torch.float32`` elsewhere (older CPUs
+    emulate bfloat16 slowly; Apple's MPS keeps float32).
+
+    :param name: ``"auto"``, ``"float32"``, ``"bfloat16"``, ``"float16"``, a dtype, or ``None`` (float32)
+    :param device: the device the reconstructor runs on
+    :return: the dtype
+    """
+    if isinstance(name, torch.dtype):
+        return name
+    if name is None or name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name == "float16":
+        return torch.float16
+    if name == "auto":
+        kind = torch.device(device).type
+        if kind == "cuda" and torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        if kind == "cpu" and cpu_has_native_bf16():
+            return torch.bfloat16
+        return torch.float32
+    raise ValueError(f"scoring dtype must be one of {SCORING_DTYPES}, got '{name}'")
 
 
 @dataclass
@@ -107,11 +169,24 @@ class ScoringState:
     :param cache: the model's ``past_key_values`` (``None`` before the first chunk)
     :param last_input: ``[B]`` the compressed token that precedes the next chunk (``<bos>`` at first)
     :param position: tokens of each window scored so far
+    :param dtype: precision the windows are scored in (``None``: the model's own)
     """
 
     cache: Any
     last_input: torch.Tensor
     position: int = 0
+    dtype: torch.dtype | None = None
+
+
+def _splits_head(model: PreTrainedModel) -> bool:
+    """Whether a model's logits are its output embedding applied to its trunk's last hidden state (GPT-2).
+
+    For such a model the output layer can run at chosen positions only; any other model is run whole.
+
+    :param model: a causal LM
+    :return: ``True`` for GPT-2 models
+    """
+    return getattr(model.config, "model_type", None) == "gpt2"
 
 
 def _as_tensor(x: ArrayLike, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -146,6 +221,13 @@ class Reconstructor:
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
         self.bos_token_id: int = int(bos)
         self.pad_token_id: int = int(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else bos)
+        #: Scoring copies of the model in other precisions: dtype -> (fingerprint of the master weights, copy).
+        self._inference_copies: dict[torch.dtype, tuple[tuple[tuple[int, int], ...], PreTrainedModel]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state["_inference_copies"] = {}  # rebuilt on demand; never pickled twice over
+        return state
 
     # ------------------------------------------------------------------ construction
     @property
@@ -285,20 +367,48 @@ class Reconstructor:
         bos = torch.full((input_ids.shape[0], 1), self.bos_token_id, dtype=input_ids.dtype, device=input_ids.device)
         return torch.cat([bos, compressed[:, :-1]], dim=1)
 
-    def _result(self, logits: torch.Tensor, targets: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor) -> ScoreResult:
-        """Turn logits predicting ``targets`` into a :class:`ScoreResult`.
+    def _result(
+        self,
+        model: PreTrainedModel,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        mask: torch.Tensor,
+        valid: torch.Tensor,
+        positions: Positions,
+    ) -> ScoreResult:
+        """Run the output layer at the scored positions and turn it into a :class:`ScoreResult`.
 
-        :param logits: ``[B, L, V]``
+        :param model: the model whose output layer to use (the one that produced ``hidden``)
+        :param hidden: ``[B, L, d]`` final hidden states, or ``[B, L, V]`` logits for a model whose head cannot be split off
         :param targets: ``[B, L]`` true ids
         :param mask: ``[B, L]`` dropped positions
         :param valid: ``[B, L]`` real positions
+        :param positions: ``"all"`` or ``"masked"`` (kept positions: 0 bits, their own token as the guess)
         :return: the scores
         """
-        logits = logits.float()
-        logits[..., self.mask_token_id] = -torch.inf  # the mask token is never a true token
-        nats = F.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
-        surprisal = torch.where(valid, nats / LN2, torch.zeros_like(nats))
-        prediction = logits.argmax(dim=-1)
+        if positions not in ("all", "masked"):
+            raise ValueError(f"positions must be 'all' or 'masked', got '{positions}'")
+        rows = hidden.reshape(-1, hidden.shape[-1])
+        index = None if positions == "all" else mask.reshape(-1).nonzero().squeeze(1)
+        if index is not None:
+            rows = rows.index_select(0, index)
+        flat_targets = targets.reshape(-1) if index is None else targets.reshape(-1).index_select(0, index)
+        if rows.shape[0] > 0:
+            head = model.get_output_embeddings() if _splits_head(model) else None
+            logits = (head(rows) if head is not None else rows).float()
+            logits[:, self.mask_token_id] = -torch.inf  # the mask token is never a true token
+            bits = (torch.logsumexp(logits, dim=-1) - logits.gather(1, flat_targets[:, None]).squeeze(1)) / LN2
+            guess = logits.argmax(dim=-1)
+        else:
+            bits, guess = rows.new_zeros(0, dtype=torch.float32), flat_targets
+        if index is None:
+            surprisal, prediction = bits.view_as(targets), guess.view_as(targets)
+        else:
+            surprisal = torch.zeros(targets.shape, dtype=torch.float32, device=targets.device)
+            surprisal.view(-1).index_copy_(0, index, bits)
+            prediction = targets.clone()
+            prediction.view(-1).index_copy_(0, index, guess)
+        surprisal = torch.where(valid, surprisal, torch.zeros_like(surprisal))
         return ScoreResult(
             surprisal=surprisal,
             prediction=prediction,
@@ -327,37 +437,109 @@ class Reconstructor:
         return ids, mask_t, valid_t
 
     def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
-        """Run the model on full compressed inputs (no cache) and return its logits.
+        """Run the master model on full compressed inputs (no cache) and return its logits (training).
 
         :param inputs: ``[B, L]`` from :meth:`compressed_inputs`
         :return: ``[B, L, V]`` logits
         """
         return self.model(input_ids=inputs, attention_mask=torch.ones_like(inputs), use_cache=False).logits
 
+    def _trunk(self, model: PreTrainedModel, inputs: torch.Tensor, attention: torch.Tensor, state: ScoringState | None) -> torch.Tensor:
+        """Run a model up to its output layer: final hidden states (logits if its head cannot be split off).
+
+        :param model: the model (the master or an inference copy)
+        :param inputs: ``[B, l]`` compressed input ids
+        :param attention: ``[B, cached + l]`` ones
+        :param state: a chunked-scoring state whose KV cache is used and advanced, or ``None`` (no cache)
+        :return: ``[B, l, d]`` hidden states (or ``[B, l, V]`` logits)
+        """
+        use_cache = state is not None
+        cache = {CACHE_ARG: state.cache} if state is not None else {}
+        if _splits_head(model):
+            out = model.base_model(input_ids=inputs, attention_mask=attention, use_cache=use_cache, **cache)
+            hidden = out.last_hidden_state
+        else:
+            out = model(input_ids=inputs, attention_mask=attention, use_cache=use_cache, **cache)
+            hidden = out.logits
+        if state is not None:
+            state.cache = getattr(out, CACHE_ARG)
+        return hidden
+
+    def inference_model(self, dtype: torch.dtype | None = None) -> PreTrainedModel:
+        """The model to score with in ``dtype``: the master model itself, or a cached copy in another precision.
+
+        The copy is refreshed (weights copied over) whenever the master's parameters changed since it was
+        made: every in-place update (optimizer step, ``load_state_dict``) advances a tensor's version
+        counter, and a moved or replaced tensor has another storage.
+
+        :param dtype: the precision (``None`` or the master's own: the master)
+        :return: a model in eval mode (the master keeps whatever mode it is in)
+        """
+        master = self.model
+        params = list(master.parameters())
+        if dtype is None or dtype == params[0].dtype:
+            return master
+        fingerprint = tuple((p.data_ptr(), p._version) for p in params)
+        cached = self._inference_copies.get(dtype)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        with torch.no_grad():
+            if cached is None:
+                model = copy.deepcopy(master).to(dtype=dtype).eval()
+                model.requires_grad_(False)
+            else:
+                model = cached[1]
+                for target, source in zip(model.parameters(), params, strict=True):
+                    target.copy_(source)
+        self._inference_copies[dtype] = (fingerprint, model)
+        return model
+
     # ------------------------------------------------------------------ scoring
     @torch.no_grad()
-    def score(self, input_ids: ArrayLike, mask: ArrayLike, valid: ArrayLike | None = None) -> ScoreResult:
+    def score(
+        self,
+        input_ids: ArrayLike,
+        mask: ArrayLike,
+        valid: ArrayLike | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        positions: Positions = "all",
+    ) -> ScoreResult:
         """Score a batch of compressed windows in one forward pass.
 
         :param input_ids: ``[B, L]`` true token ids
         :param mask: ``[B, L]`` ``True`` where the token is dropped
         :param valid: ``[B, L]`` ``True`` at real tokens, ``False`` at right padding (``None``: all real)
+        :param dtype: precision to score in (``None``: the model's own, float32)
+        :param positions: ``"all"``, or ``"masked"`` to run the output layer at dropped positions only
         :return: surprisal, top guess and correctness of every position
         """
         ids, mask_t, valid_t = self._prepare(input_ids, mask, valid)
-        logits = self._forward(self.compressed_inputs(ids, mask_t))
-        return self._result(logits, ids, mask_t, valid_t)
+        model = self.inference_model(dtype)
+        inputs = self.compressed_inputs(ids, mask_t)
+        hidden = self._trunk(model, inputs, torch.ones_like(inputs), None)
+        return self._result(model, hidden, ids, mask_t, valid_t, positions)
 
-    def begin_scoring(self, batch_size: int) -> ScoringState:
+    def begin_scoring(self, batch_size: int, dtype: torch.dtype | None = None) -> ScoringState:
         """Start scoring ``batch_size`` windows chunk by chunk.
 
         :param batch_size: number of windows
+        :param dtype: precision to score in (``None``: the model's own, float32)
         :return: an empty scoring state
         """
-        return ScoringState(cache=None, last_input=torch.full((batch_size,), self.bos_token_id, dtype=torch.long, device=self.device))
+        bos = torch.full((batch_size,), self.bos_token_id, dtype=torch.long, device=self.device)
+        return ScoringState(cache=None, last_input=bos, dtype=dtype)
 
     @torch.no_grad()
-    def score_chunk(self, state: ScoringState, input_ids: ArrayLike, mask: ArrayLike, valid: ArrayLike | None = None) -> ScoreResult:
+    def score_chunk(
+        self,
+        state: ScoringState,
+        input_ids: ArrayLike,
+        mask: ArrayLike,
+        valid: ArrayLike | None = None,
+        *,
+        positions: Positions = "all",
+    ) -> ScoreResult:
         """Score the next chunk of each window given the cached compressed prefix; updates ``state``.
 
         Scoring a window chunk by chunk gives the same numbers as :meth:`score` on the whole window
@@ -367,30 +549,32 @@ class Reconstructor:
         :param input_ids: ``[B, k]`` true ids of the chunk
         :param mask: ``[B, k]`` dropped positions in the chunk
         :param valid: ``[B, k]`` real positions in the chunk (``None``: all)
+        :param positions: ``"all"``, or ``"masked"`` to run the output layer at dropped positions only
         :return: the chunk's scores, ``[B, k]`` each
         """
         ids, mask_t, valid_t = self._prepare(input_ids, mask, valid)
         if state.position + ids.shape[1] > self.max_seq_len:
             raise ValueError(f"scoring past the reconstructor's context of {self.max_seq_len} tokens")
+        model = self.inference_model(state.dtype)
         compressed = ids.masked_fill(mask_t, self.mask_token_id)
         inputs = torch.cat([state.last_input[:, None], compressed[:, :-1]], dim=1)
         attention = torch.ones((ids.shape[0], state.position + ids.shape[1]), dtype=torch.long, device=self.device)
-        out = self.model(input_ids=inputs, attention_mask=attention, use_cache=True, **{_CACHE_ARG: state.cache})
-        state.cache = getattr(out, _CACHE_ARG)
+        hidden = self._trunk(model, inputs, attention, state)
         state.last_input = compressed[:, -1]
         state.position += ids.shape[1]
-        return self._result(out.logits, ids, mask_t, valid_t)
+        return self._result(model, hidden, ids, mask_t, valid_t, positions)
 
     @torch.no_grad()
-    def surprisal(self, input_ids: ArrayLike, valid: ArrayLike | None = None) -> torch.Tensor:
+    def surprisal(self, input_ids: ArrayLike, valid: ArrayLike | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
         """Bits of each token given the *uncompressed* prefix (the self-information of Selective Context).
 
         :param input_ids: ``[B, L]`` ids
         :param valid: ``[B, L]`` real positions (``None``: all)
+        :param dtype: precision to score in (``None``: the model's own, float32)
         :return: ``[B, L]`` bits (0 at padding)
         """
         ids = _as_tensor(input_ids, torch.long, self.device)
-        return self.score(ids, torch.zeros_like(ids, dtype=torch.bool), valid).surprisal
+        return self.score(ids, torch.zeros_like(ids, dtype=torch.bool), valid, dtype=dtype).surprisal
 
     @torch.no_grad()
     def fill(self, input_ids: ArrayLike, mask: ArrayLike, valid: ArrayLike | None = None) -> torch.Tensor:

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from tokencompress_env.errors import ConfigError
-from tokencompress_env.reconstructor import Reconstructor, ScoringState
+from tokencompress_env.reconstructor import Reconstructor, ScoringState, resolve_scoring_dtype
 
 #: Reward types understood by :class:`RewardConfig`.
 REWARD_TYPES = ("info_theoretic", "simple")
@@ -162,11 +162,16 @@ class EpisodeScorer:
     :param config: the reward coefficients
     :param seq_len: window length
     :param batch_size: number of windows scored together
+    :param scoring_dtype: precision of the reconstructor's forward passes (see
+        :func:`~tokencompress_env.reconstructor.resolve_scoring_dtype`)
     """
 
-    def __init__(self, reconstructor: Reconstructor, config: RewardConfig, seq_len: int, batch_size: int) -> None:
+    def __init__(
+        self, reconstructor: Reconstructor, config: RewardConfig, seq_len: int, batch_size: int, scoring_dtype: str = "float32"
+    ) -> None:
         self.reconstructor = reconstructor
         self.config = config
+        self.scoring_dtype = scoring_dtype
         self.seq_len = seq_len
         self.batch_size = batch_size
         self._scale = config.scale(seq_len)
@@ -179,13 +184,21 @@ class EpisodeScorer:
         self.masked_correct = np.zeros(batch_size, dtype=np.int64)
         self.masked_bits_total = np.zeros(batch_size, dtype=np.float64)
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The precision the current reconstructor scores in (``scoring_dtype`` resolved for its device).
+
+        :return: the dtype
+        """
+        return resolve_scoring_dtype(self.scoring_dtype, self.reconstructor.device)
+
     def begin(self, target: np.ndarray, n_valid: np.ndarray) -> None:
         """Start new episodes for every row: empty KV cache, zero counters.
 
         :param target: ``[B]`` target mask rates
         :param n_valid: ``[B]`` real tokens in each window
         """
-        self.state = self.reconstructor.begin_scoring(self.batch_size)
+        self.state = self.reconstructor.begin_scoring(self.batch_size, self.dtype)
         self.target = np.asarray(target, dtype=np.float64).copy()
         self.n_valid = np.asarray(n_valid, dtype=np.int64).copy()
         for counter in (self.masked, self.decided, self.masked_correct):
@@ -202,7 +215,8 @@ class EpisodeScorer:
         """
         if self.state is None:
             raise RuntimeError("EpisodeScorer.step called before begin()")
-        result = self.reconstructor.score_chunk(self.state, token_ids, mask, valid)
+        # Only dropped tokens cost bits (and only their recovery counts): the output layer runs there alone.
+        result = self.reconstructor.score_chunk(self.state, token_ids, mask, valid, positions="masked")
         dropped = result.mask
         per_token = token_rewards(result.surprisal, result.correct, dropped, self.config)
         bits = torch.where(dropped, result.surprisal, torch.zeros_like(result.surprisal))

@@ -72,6 +72,8 @@ class TokenMaskVectorEnv(CoreAccess, VectorEnv[dict[str, np.ndarray], np.ndarray
     :param rate_penalty: cost per token of deviation from the target (``None``: default)
     :param reward_scale: divisor of every reward (``None``: ``seq_len``)
     :param device: where a named reconstructor runs
+    :param scoring_dtype: precision of the reconstructor's forward passes: ``"auto"`` (bfloat16 where native), ``"float32"``,
+        ``"bfloat16"`` or ``"float16"``
     :param windows: (direct construction) token-id windows replacing the corpus
     :param valid: (direct construction) real positions of ``windows``
     """
@@ -98,6 +100,7 @@ class TokenMaskVectorEnv(CoreAccess, VectorEnv[dict[str, np.ndarray], np.ndarray
         rate_penalty: float | None = None,
         reward_scale: float | None = None,
         device: str = "auto",
+        scoring_dtype: str = "auto",
         windows: np.ndarray | Sequence[Sequence[int]] | None = None,
         valid: np.ndarray | None = None,
     ) -> None:
@@ -114,6 +117,7 @@ class TokenMaskVectorEnv(CoreAccess, VectorEnv[dict[str, np.ndarray], np.ndarray
             chunk_size=chunk_size,
             reward_config=self.reward_config,
             observe_surprisal=observe_surprisal,
+            scoring_dtype=scoring_dtype,
             keep_digits=keep_digits,
             force_keep_strings=force_keep_strings,
             device=device,
