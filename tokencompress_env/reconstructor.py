@@ -485,7 +485,8 @@ class Reconstructor:
             return cached[1]
         with torch.no_grad():
             if cached is None:
-                model = copy.deepcopy(master).to(dtype=dtype).eval()
+                model = cast(PreTrainedModel, cast(Any, copy.deepcopy(master)).to(dtype=dtype))
+                model.eval()
                 model.requires_grad_(False)
             else:
                 model = cached[1]
