@@ -40,6 +40,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.activations import ACT2FN, NewGELUActivation
 
 from tokencompress_env.errors import ReconstructorLoadError
 from tokencompress_env.paths import cache_root
@@ -187,6 +188,20 @@ def _splits_head(model: PreTrainedModel) -> bool:
     :return: ``True`` for GPT-2 models
     """
     return getattr(model.config, "model_type", None) == "gpt2"
+
+
+def _fuse_tanh_gelu(model: torch.nn.Module) -> None:
+    """Replace GPT-2's tanh GELU, written as five elementwise operations, by PyTorch's one-kernel version.
+
+    Both compute ``0.5 x (1 + tanh(sqrt(2/pi) (x + 0.044715 x^3)))``; the fused kernel rounds once
+    instead of after each operation, which matters in bfloat16, and is several times faster.
+
+    :param model: the model, changed in place
+    """
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if isinstance(child, NewGELUActivation):
+                setattr(module, name, ACT2FN["gelu_pytorch_tanh"])
 
 
 def _as_tensor(x: ArrayLike, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -488,6 +503,7 @@ class Reconstructor:
                 model = cast(PreTrainedModel, cast(Any, copy.deepcopy(master)).to(dtype=dtype))
                 model.eval()
                 model.requires_grad_(False)
+                _fuse_tanh_gelu(model)
             else:
                 model = cached[1]
                 for target, source in zip(model.parameters(), params, strict=True):
