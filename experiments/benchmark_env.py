@@ -96,15 +96,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     model = recon.inference_model(dtype)
     inputs = [recon.compressed_inputs(torch.as_tensor(b), torch.as_tensor(m)) for b, m in zip(batches, masks, strict=True)]
 
+    ones = torch.ones((n, length), dtype=torch.long)
+
     def bare() -> None:
         for x in inputs:
             cache = None
             for start in range(0, length, k):
-                cache = getattr(model(input_ids=x[:, start : start + k], use_cache=True, **{CACHE_ARG: cache}), CACHE_ARG)
+                out = model(input_ids=x[:, start : start + k], attention_mask=ones[:, : start + k], use_cache=True, **{CACHE_ARG: cache})
+                cache = getattr(out, CACHE_ARG)
 
     def bare_full() -> None:
         for x in inputs:
-            model(input_ids=x, use_cache=False)
+            model(input_ids=x, attention_mask=ones, use_cache=False)
 
     def scored() -> None:
         for b, m in zip(batches, masks, strict=True):
