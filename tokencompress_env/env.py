@@ -601,7 +601,7 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
     ``scoring_dtype="auto"`` the forward passes run in bfloat16 where the hardware multiplies it natively
     (CUDA, or a CPU with AMX) and in float32 elsewhere; bfloat16 moves a token's surprisal by about 0.01
     bits on average (``experiments.benchmark_env`` measures it). Pass ``scoring_dtype="float32"`` for
-    bit-for-bit float32 rewards.
+    float32 rewards.
 
     * ``info_theoretic`` (default): each dropped token earns ``bits_saved_per_mask`` (the price of a
       token, default 8 bits) and pays its surprisal under the reconstructor given the compressed
