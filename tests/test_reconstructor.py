@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pickle
 import time
 
 import numpy as np
@@ -232,6 +233,28 @@ def test_masked_positions_only_match_all_positions_where_it_matters(test_reconst
     assert float(only["surprisal"][~mt].abs().sum()) == 0.0  # kept tokens cost nothing ...
     assert torch.equal(only["prediction"][~mt], torch.as_tensor(x)[~mt])  # ... and are "recovered" as themselves
     assert bool(only["correct"][~mt].all())
+    nothing = _scored(test_reconstructor, x, np.zeros_like(m), "masked", chunk)  # no dropped token in the whole batch
+    assert float(nothing["surprisal"].abs().sum()) == 0.0 and torch.equal(nothing["prediction"], torch.as_tensor(x))
+
+
+def test_model_whose_head_is_not_split_off_scores_the_same(test_reconstructor, test_windows):
+    from transformers import GPTJConfig, GPTJForCausalLM
+
+    tok = test_reconstructor.tokenizer
+    config = GPTJConfig(vocab_size=len(tok), n_embd=32, n_layer=2, n_head=2, rotary_dim=8, n_positions=128)
+    torch.manual_seed(0)
+    rec = Reconstructor(GPTJForCausalLM(config), tok, device="cpu")
+    x = test_windows["validation"][:3]
+    m = _masks(x.shape, 0.5, seed=8)
+    with torch.no_grad():
+        logits = rec.model(input_ids=rec.compressed_inputs(torch.as_tensor(x), torch.as_tensor(m))).logits
+    logits[..., rec.mask_token_id] = -torch.inf
+    expected = torch.nn.functional.cross_entropy(logits.transpose(1, 2), torch.as_tensor(x), reduction="none") / np.log(2)
+    for chunk in (None, 16):
+        for positions in ("all", "masked"):
+            got = _scored(rec, x, m, positions, chunk)["surprisal"]
+            where = torch.ones_like(got, dtype=torch.bool) if positions == "all" else torch.as_tensor(m)
+            assert torch.allclose(got[where], expected[where], atol=1e-3), (chunk, positions)
 
 
 def test_resolve_scoring_dtype():
@@ -264,4 +287,6 @@ def test_bfloat16_copy_follows_the_float32_master(fresh_reconstructor, test_wind
     assert rec.inference_model(torch.bfloat16) is copy16  # refreshed in place, not rebuilt
     for master, low in zip(rec.model.parameters(), copy16.parameters(), strict=True):
         assert torch.equal(master.detach().to(torch.bfloat16), low)
-    assert "_inference_copies" in rec.__dict__ and rec.__getstate__()["_inference_copies"] == {}
+    restored = pickle.loads(pickle.dumps(rec))  # the copy is not pickled; it is rebuilt on demand
+    assert restored._inference_copies == {}
+    assert torch.equal(restored.score(x, m, dtype=torch.bfloat16).surprisal, after16)

@@ -262,7 +262,7 @@ class TokenMaskCore:
         chunk_size: int,
         batch_size: int,
         observe_surprisal: bool = False,
-        scoring_dtype: str = "float32",
+        scoring_dtype: str = "auto",
     ) -> None:
         self.reconstructor = reconstructor
         self.windows = windows

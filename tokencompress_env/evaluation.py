@@ -104,7 +104,7 @@ def score_masks(
     stats = WindowStats(np.zeros(n), np.zeros(n), np.zeros(n), valid_np.sum(axis=1).astype(np.float64))
     for start in range(0, n, batch_size):
         sl = slice(start, start + batch_size)
-        result = reconstructor.score(ids[sl], masks[sl], valid_np[sl])
+        result = reconstructor.score(ids[sl], masks[sl], valid_np[sl], positions="masked")  # only dropped tokens are counted
         stats.masked_bits[sl] = result.masked_bits.double().sum(dim=1).cpu().numpy()
         stats.masked[sl] = result.mask.sum(dim=1).cpu().numpy()
         stats.masked_correct[sl] = result.masked_correct.sum(dim=1).cpu().numpy()

@@ -106,7 +106,7 @@ def bits_per_masked_token(reconstructor: Reconstructor, windows: np.ndarray, rat
     masks = fixed_rate_masks(windows.shape, rate, seed)
     total, count = 0.0, 0
     for start in range(0, len(windows), batch_size):
-        result = reconstructor.score(windows[start : start + batch_size], masks[start : start + batch_size])
+        result = reconstructor.score(windows[start : start + batch_size], masks[start : start + batch_size], positions="masked")
         total += float(result.masked_bits.sum())
         count += int(result.mask.sum())
     return total / max(count, 1)

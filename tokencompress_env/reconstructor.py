@@ -491,9 +491,9 @@ class Reconstructor:
         :return: a model in eval mode (the master keeps whatever mode it is in)
         """
         master = self.model
-        params = list(master.parameters())
-        if dtype is None or dtype == params[0].dtype:
+        if dtype is None or dtype == master.dtype:
             return master
+        params = list(master.parameters())
         fingerprint = tuple((p.data_ptr(), p._version) for p in params)
         cached = self._inference_copies.get(dtype)
         if cached is not None and cached[0] == fingerprint:

@@ -167,7 +167,7 @@ class EpisodeScorer:
     """
 
     def __init__(
-        self, reconstructor: Reconstructor, config: RewardConfig, seq_len: int, batch_size: int, scoring_dtype: str = "float32"
+        self, reconstructor: Reconstructor, config: RewardConfig, seq_len: int, batch_size: int, scoring_dtype: str = "auto"
     ) -> None:
         self.reconstructor = reconstructor
         self.config = config
