@@ -24,6 +24,9 @@ from tqdm.auto import tqdm
 
 from tokencompress_env.reconstructor import Reconstructor
 
+#: Bits per logit unit of the ``cost`` distillation target (``-logit * COST_SCALE`` predicts the surprisal).
+COST_SCALE = 4.0
+
 
 def cheapest_tokens(surprisal: th.Tensor, maskable: th.Tensor, rate: th.Tensor) -> th.Tensor:
     """Label the ``round(rate * n_maskable)`` lowest-surprisal maskable tokens of each row.
@@ -51,6 +54,7 @@ def distill_policy(
     rate_range: tuple[float, float] = (0.2, 0.8),
     observe_surprisal: bool = False,
     on_policy_fraction: float = 0.5,
+    target: str = "rank",
     seed: int = 0,
     progress: bool = True,
     logger: Any = None,
@@ -68,6 +72,9 @@ def distill_policy(
     :param rate_range: range of the uniformly drawn target mask rates
     :param observe_surprisal: the policy observes the reconstructor's surprisal of the original tokens
     :param on_policy_fraction: fraction of each batch whose context is the policy's own current mask
+    :param target: ``"rank"``: binary cross-entropy against the labels of the ``round(r * n)`` cheapest
+        tokens; ``"cost"``: regression of ``-logit`` on each token's surprisal (bits, clipped at 20) given
+        the compressed context, so the logits rank tokens by their predicted cost at every rate
     :param seed: seed of batches, rates and random contexts
     :param progress: show a progress bar
     :param logger: an SB3 logger for ``distill/*`` scalars (``None``: no logging)
@@ -109,7 +116,12 @@ def distill_policy(
         scores = reconstructor.score(ids, context, real)
         labels = cheapest_tokens(scores.surprisal.cpu(), maskable, rate)
         weight = maskable.to(device).float()
-        loss = (F.binary_cross_entropy_with_logits(logits, labels.to(device), reduction="none") * weight).sum() / weight.sum()
+        if target == "cost":
+            cost = scores.surprisal.to(device).float().clamp(max=20.0) / COST_SCALE
+            per_token = F.smooth_l1_loss(-logits, cost, reduction="none")
+        else:
+            per_token = F.binary_cross_entropy_with_logits(logits, labels.to(device), reduction="none")
+        loss = (per_token * weight).sum() / weight.sum()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         th.nn.utils.clip_grad_norm_(params, 1.0)

@@ -27,6 +27,39 @@ REQUIRED_KEYS = ("token_ids", "decisions", "valid", "force_keep", "position", "t
 SURPRISAL_KEY = "surprisal"
 #: Number of decision states (0 undecided, 1 kept, 2 masked).
 N_DECISIONS = 3
+#: Number of copy features per token (see :func:`copy_features`).
+N_COPY_FEATURES = 4
+
+
+def copy_features(token_ids: th.Tensor, valid: th.Tensor) -> th.Tensor:
+    """Whether each token repeats what came before it in its window: cues for what a causal LM can copy.
+
+    A causal language model predicts a token cheaply when it can copy it from earlier in the context
+    (an identifier used again, a phrase repeated): the induction pattern "``a b ... a`` -> ``b``". A local
+    convolution cannot see that far back; these features can, at the cost of one ``[L, L]`` comparison
+    per window and no language model. For token ``i`` (all zero at padding):
+
+    * 0: token ``i`` occurred earlier in the window;
+    * 1: the bigram (token ``i-1``, token ``i``) occurred earlier (the previous token was followed by
+      this same token before);
+    * 2: the trigram ending at ``i`` occurred earlier;
+    * 3: ``log2(1 + occurrences of token i earlier) / 4``.
+
+    :param token_ids: ``[B, L]`` long ids
+    :param valid: ``[B, L]`` real positions (bool or 0/1)
+    :return: ``[B, L, N_COPY_FEATURES]`` float features
+    """
+    real = valid > 0.5 if valid.dtype != th.bool else valid
+    length = token_ids.shape[1]
+    earlier = th.ones(length, length, dtype=th.bool, device=token_ids.device).tril(-1)  # [i, j]: j < i
+    same = (token_ids[:, :, None] == token_ids[:, None, :]) & real[:, :, None] & real[:, None, :] & earlier
+    prev = F.pad(token_ids, (1, 0), value=-1)[:, :-1]
+    prev2 = F.pad(token_ids, (2, 0), value=-2)[:, :-2]
+    same_bigram = same & (prev[:, :, None] == prev[:, None, :])
+    same_trigram = same_bigram & (prev2[:, :, None] == prev2[:, None, :])
+    count = same.sum(-1).float()
+    feats = th.stack([same.any(-1).float(), same_bigram.any(-1).float(), same_trigram.any(-1).float(), th.log2(1 + count) / 4], dim=-1)
+    return feats * real.unsqueeze(-1).float()
 
 
 class ConvBlock(nn.Module):
@@ -101,6 +134,9 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         function of the window's tokens and the target rate alone, so one forward pass over a whole window
         (``token_mask_logits``, used by ``compress()`` and the evaluation) gives exactly the logits the
         policy acted on during training: a one-pass ranker
+    :param use_copy_features: Add the :func:`copy_features` of each token (does it repeat a token, bigram
+        or trigram seen earlier in the window) to its inputs: what a causal reconstructor can copy, which
+        the local convolution cannot see
     """
 
     def __init__(
@@ -114,6 +150,7 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         dropout: float = 0.0,
         surprisal_scale: float = 8.0,
         use_decisions: bool = True,
+        use_copy_features: bool = False,
     ) -> None:
         if not isinstance(observation_space, spaces.Dict):
             raise TypeError(f"LocalContextExtractor needs a Dict observation space, got {type(observation_space).__name__}")
@@ -131,8 +168,9 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         self.use_surprisal = SURPRISAL_KEY in observation_space.spaces
         self.surprisal_scale = surprisal_scale
         self.use_decisions = use_decisions
-        # scalar per-token inputs: target rate, valid, force_keep (+ surprisal)
-        n_scalars = 3 + int(self.use_surprisal)
+        self.use_copy_features = use_copy_features
+        # scalar per-token inputs: target rate, valid, force_keep (+ surprisal) (+ copy features)
+        n_scalars = 3 + int(self.use_surprisal) + N_COPY_FEATURES * int(use_copy_features)
 
         self.token_embedding = nn.Embedding(self.vocab_size, embed_dim)
         self.token_proj = nn.Linear(embed_dim, hidden_dim, bias=False)
@@ -162,7 +200,10 @@ class LocalContextExtractor(BaseFeaturesExtractor):
             scalars.append(observations[SURPRISAL_KEY].float() / self.surprisal_scale)
         if not self.use_decisions:
             decisions = th.zeros_like(decisions)
-        x = self.token_proj(self.token_embedding(ids)) + self.decision_embedding(decisions) + self.scalar_proj(th.stack(scalars, dim=-1))
+        scalar_inputs = th.stack(scalars, dim=-1)
+        if self.use_copy_features:
+            scalar_inputs = th.cat([scalar_inputs, copy_features(ids, valid)], dim=-1)
+        x = self.token_proj(self.token_embedding(ids)) + self.decision_embedding(decisions) + self.scalar_proj(scalar_inputs)
         valid_3d = valid.unsqueeze(-1)
         for block in self.blocks:
             x = block(x, valid_3d)

@@ -44,7 +44,7 @@ from tokencompress_env.baselines import (
     policy_method,
     token_frequencies,
 )
-from tokencompress_env.compressor import agent_logit_fn
+from tokencompress_env.compressor import agent_logit_fn, agent_sequential_method
 from tokencompress_env.data import EMBEDDED, CorpusSpec, local_documents, make_windows, prepare_corpus, window_array
 from tokencompress_env.errors import ConfigError, InputError, ReconstructorLoadError
 from tokencompress_env.evaluation import METHOD_NAMES, evaluate, plot_rate_distortion, write_results_json, write_results_markdown
@@ -293,7 +293,10 @@ def run_evaluation(config: EvaluateConfig) -> list[dict[str, Any]]:
             assert bundle is not None
             surprisal_rec = bundle.joint if bundle.joint is not None else reference
             keep_digits = bool(bundle.config.get("keep_digits", False))
-            methods[name] = policy_method(agent_logit_fn(bundle.agent, surprisal_rec, config.batch_size, keep_digits))
+            if bundle.config.get("use_decisions", False):  # it acted chunk by chunk on its own decisions: replay that
+                methods[name] = agent_sequential_method(bundle.agent, surprisal_rec, config.batch_size, keep_digits)
+            else:
+                methods[name] = policy_method(agent_logit_fn(bundle.agent, surprisal_rec, config.batch_size, keep_digits))
         else:
             methods[name] = BASELINES[name]
 

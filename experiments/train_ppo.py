@@ -67,7 +67,8 @@ class TrainConfig:
     :param n_envs: windows scored together (one batched reconstructor forward per step)
     :param seed: random seed (agent, env, reconstructor fine-tuning)
     :param device: ``auto``, ``cpu``, ``cuda`` or ``mps`` (agent and reconstructor)
-    :param total_timesteps: environment steps to train for (summed over envs; one step decides ``chunk_size`` tokens)
+    :param total_timesteps: environment steps to train for (summed over envs; one step decides ``chunk_size`` tokens);
+        0 trains no reinforcement learning (the distillation warm start alone)
     :param corpus: corpus source (``embedded``, a path, or a hub dataset)
     :param reconstructor: starting reconstructor: preset (``tiny``), directory, or hub name
     :param seq_len: tokens per window
@@ -162,8 +163,10 @@ class TrainConfig:
             canonical_name(self.algo)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if self.n_envs < 1 or self.total_timesteps < 1 or self.n_steps < 1:
-            raise ConfigError("n_envs, total_timesteps and n_steps must be positive")
+        if self.n_envs < 1 or self.n_steps < 1:
+            raise ConfigError("n_envs and n_steps must be positive")
+        if self.total_timesteps < 0:
+            raise ConfigError("total_timesteps must be 0 (distillation only, no reinforcement learning) or positive")
         if not 0.0 <= self.mask_rate_min <= self.mask_rate_max < 1.0:
             raise ConfigError("mask rates must satisfy 0 <= mask_rate_min <= mask_rate_max < 1")
         if self.seq_len % self.chunk_size:

@@ -27,6 +27,7 @@ from agents import (
     load_model,
     make_model,
 )
+from agents.extractor import N_COPY_FEATURES, copy_features
 from agents.policy import INACTIVE_LOGIT
 
 SMALL_EXTRACTOR = {"embed_dim": 16, "hidden_dim": 16, "dilations": (1, 2)}
@@ -159,6 +160,39 @@ def test_extractor_is_local_and_ignores_padding(seed: int) -> None:
     pad = {k: v.clone() for k, v in obs.items()}
     pad["token_ids"][0, 50:] = 7
     assert th.allclose(ext.token_features(pad), base)
+
+
+def test_copy_features_on_a_hand_made_window() -> None:
+    # ids:       5  7  9  5  7  3  5  7  9   (pad)
+    ids = th.tensor([[5, 7, 9, 5, 7, 3, 5, 7, 9, 5]])
+    valid = th.tensor([[1, 1, 1, 1, 1, 1, 1, 1, 1, 0]])
+    feats = copy_features(ids, valid)
+    assert feats.shape == (1, 10, N_COPY_FEATURES)
+    seen, bigram, trigram, count = feats[0].unbind(-1)
+    assert seen.tolist() == [0, 0, 0, 1, 1, 0, 1, 1, 1, 0]  # the padded 5 counts for nothing
+    assert bigram.tolist() == [0, 0, 0, 0, 1, 0, 0, 1, 1, 0]  # "5 7" repeats at 4 and 7, "7 9" at 8
+    assert trigram.tolist() == [0, 0, 0, 0, 0, 0, 0, 0, 1, 0]  # only "5 7 9" repeats whole
+    assert count[6] == th.log2(th.tensor(3.0)) / 4  # 5 seen twice before position 6
+    # a padded earlier occurrence is never a copy source
+    assert copy_features(th.tensor([[5, 5]]), th.tensor([[0, 1]]))[0, 1].sum() == 0
+
+
+def test_copy_features_reach_the_whole_window() -> None:
+    """With copy features, a token far outside the convolution's reach changes a repeated token's features."""
+    th.manual_seed(0)
+    space = token_obs_space(64, 512)
+    ext = LocalContextExtractor(space, embed_dim=32, hidden_dim=32, use_copy_features=True).eval()
+    obs = {k: th.as_tensor(s.sample()[None]).float() for k, s in space.spaces.items()}
+    obs["valid"][:] = 1
+    obs["token_ids"][0, :] = th.arange(64).float() + 100  # no repeats
+    base = ext.token_features(obs)
+    far = {k: v.clone() for k, v in obs.items()}
+    far["token_ids"][0, 0] = far["token_ids"][0, 63]  # position 63 now repeats position 0
+    out = ext.token_features(far)
+    assert not th.allclose(out[0, 63], base[0, 63])
+    assert th.allclose(out[0, 30], base[0, 30])  # neither near position 0 nor a repeat
+    without = LocalContextExtractor(space, embed_dim=32, hidden_dim=32).eval()
+    assert th.allclose(without.token_features(far)[0, 63], without.token_features(obs)[0, 63])
 
 
 def test_extractor_speed_on_cpu() -> None:

@@ -17,8 +17,8 @@ import torch
 from experiments.compress import main as compress_main
 from experiments.train_ppo import TrainConfig, train
 from tokencompress_env import CompressionResult, Compressor
-from tokencompress_env.baselines import logits_to_mask, mask_budget, policy_method
-from tokencompress_env.compressor import agent_logit_fn, window_bounds, window_mask_logits
+from tokencompress_env.baselines import logits_to_mask, mask_budget, policy_method, segment_budgets
+from tokencompress_env.compressor import agent_logit_fn, agent_sequential_method, window_bounds, window_mask_logits
 from tokencompress_env.errors import CheckpointError, InputError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -203,6 +203,30 @@ def test_evaluation_seam_uses_the_same_logits(compressor: Compressor, test_windo
     assert np.allclose(logits, direct, atol=1e-5)
     masks = policy_method(fn)(windows, 0.6, None, valid)  # type: ignore[arg-type]
     assert np.array_equal(masks.sum(axis=1), mask_budget(0.6, valid))
+
+
+def test_sequential_method_replays_the_episode(tmp_path: Path, test_windows: dict[str, np.ndarray]) -> None:
+    """A decision-aware policy is evaluated chunk by chunk with the decisions before each chunk, at the exact rate."""
+    run = _train(tmp_path, use_decisions=True, total_timesteps=32, n_steps=8)
+    comp = Compressor.load(run, device="cpu")
+    agent, chunk = comp.agent, int(comp.agent.action_space.n)
+    windows = test_windows["validation"][:4]
+    valid = np.ones(windows.shape, dtype=bool)
+    keep = np.zeros(windows.shape, dtype=bool)
+    masks = agent_sequential_method(agent, comp.reconstructor, batch_size=3)(windows, 0.5, None, valid)
+    assert np.array_equal(masks.sum(axis=1), mask_budget(0.5, valid))
+    # replay by hand: each chunk's drops are its budget's highest logits given the decisions before it
+    budgets = segment_budgets(valid, mask_budget(0.5, valid), chunk)
+    decisions = np.zeros(windows.shape, dtype=np.int64)
+    for s, start in enumerate(range(0, windows.shape[1], chunk)):
+        logits = window_mask_logits(agent, windows, valid, keep, 0.5, decisions=decisions)[:, start : start + chunk]
+        for row in range(len(windows)):
+            top = np.sort(np.argsort(-logits[row], kind="stable")[: budgets[row, s]])
+            assert np.array_equal(np.flatnonzero(masks[row, start : start + chunk]), top)
+        decisions[:, start : start + chunk] = np.where(masks[:, start : start + chunk], 2, 1)
+    # the decisions matter to this policy: later logits change when earlier decisions do
+    undecided = window_mask_logits(agent, windows, valid, keep, 0.5)
+    assert not np.allclose(undecided[:, chunk:], window_mask_logits(agent, windows, valid, keep, 0.5, decisions=decisions)[:, chunk:])
 
 
 def test_surprisal_observing_run(tmp_path: Path, test_reconstructor_dir: Path) -> None:

@@ -137,3 +137,17 @@ def test_finetune_changes_weights_and_leaves_eval_mode(fresh_reconstructor, test
     changed = [not torch.equal(a, b) for a, b in zip(before, fresh_reconstructor.model.parameters())]
     assert any(changed)
     assert callback.rounds == 1
+
+
+def test_distillation_only_run(tmp_path, test_reconstructor_dir):
+    """total_timesteps 0: the warm start alone, saved as a finished run (the ablation's distill_only variant)."""
+    base = {k: v for k, v in json.loads(DEBUG.read_text()).items() if not k.startswith("_")}
+    config = TrainConfig(
+        **{**base, "runs_dir": str(tmp_path), "total_timesteps": 0, "distill_steps": 3, "tensorboard": False, "device": "cpu"}
+    )
+    summary = train(config)
+    assert summary["num_timesteps"] == 0 and summary["finetune_rounds"] == 0
+    assert summary["distillation"]["first_loss"] > 0
+    assert (tmp_path / "debug" / "agent.zip").exists()
+    with pytest.raises(Exception, match="total_timesteps must be 0"):
+        TrainConfig(**{**base, "total_timesteps": -1}).validate()

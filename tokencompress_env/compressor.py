@@ -51,13 +51,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokencompress_env.baselines import LogitFn, budget_mask, mask_budget, segment_budgets
+from tokencompress_env.baselines import LogitFn, MaskMethod, budget_mask, mask_budget, segment_budgets
 from tokencompress_env.env import force_keep_token_table
 from tokencompress_env.errors import CheckpointError, InputError, ReconstructorLoadError, TokenCompressError
 from tokencompress_env.reconstructor import Reconstructor, resolve_device
 
-#: Observation ``decisions`` code of a token not decided yet (TokenMask-v0's ``UNDECIDED``).
-_UNDECIDED = 0
+#: Observation ``decisions`` codes (TokenMask-v0's ``UNDECIDED``, ``KEPT`` and ``MASKED``).
+_UNDECIDED, _KEPT, _DROPPED = 0, 1, 2
 #: Upper bound of the ``surprisal`` observation in bits (TokenMask-v0's ``MAX_SURPRISAL_BITS``).
 _MAX_SURPRISAL_BITS = 64.0
 #: Default mask rate when neither ``mask_rate`` nor ``target_tokens`` is given.
@@ -108,6 +108,7 @@ def window_mask_logits(
     rate: float | np.ndarray,
     surprisal_reconstructor: Reconstructor | None = None,
     batch_size: int = 16,
+    decisions: np.ndarray | None = None,
 ) -> np.ndarray:
     """Per-token mask logits of a trained agent for whole windows, from the observation it saw in training.
 
@@ -126,6 +127,8 @@ def window_mask_logits(
     :param surprisal_reconstructor: the reconstructor whose surprisal the policy observed (required
         when the policy's observation space has ``surprisal``)
     :param batch_size: windows per policy forward pass
+    :param decisions: ``[N, seq_len]`` decisions taken so far (TokenMask-v0's codes: 0 undecided, 1 kept,
+        2 dropped), for a policy that sees its earlier decisions (``use_decisions``); ``None``: nothing decided
     :return: ``[N, seq_len]`` float32 mask logits (higher = drop first)
     """
     policy = agent.policy
@@ -150,7 +153,9 @@ def window_mask_logits(
             valid_t = torch.from_numpy(np.asarray(valid[sl], dtype=bool)).to(device)
             obs: dict[str, torch.Tensor] = {
                 "token_ids": ids_t,
-                "decisions": torch.full_like(ids_t, _UNDECIDED),
+                "decisions": torch.full_like(ids_t, _UNDECIDED)
+                if decisions is None
+                else torch.from_numpy(np.asarray(decisions[sl], dtype=np.int64)).to(device),
                 "valid": valid_t.long(),
                 "force_keep": torch.from_numpy(np.asarray(force_keep[sl], dtype=bool)).to(device).long(),
                 "position": torch.zeros((ids_t.shape[0], 1), dtype=torch.long, device=device),
@@ -189,6 +194,47 @@ def agent_logit_fn(agent: Any, reconstructor: Reconstructor, batch_size: int = 6
         return window_mask_logits(agent, ids, valid_np, keep, rate, reconstructor, batch_size).astype(np.float64)
 
     return logits
+
+
+def agent_sequential_method(agent: Any, reconstructor: Reconstructor, batch_size: int = 64, keep_digits: bool = False) -> MaskMethod:
+    """The agent as a :class:`~tokencompress_env.baselines.MaskMethod` that decides chunk by chunk, as in an episode.
+
+    For a policy that sees its earlier decisions (``use_decisions``), one forward pass over a window with
+    nothing decided is not what it acted on in training. This method replays the episode: for each chunk
+    of ``chunk_size`` tokens (the action size), the policy's logits are computed with the decisions of the
+    chunks before it, and the chunk's share of the window's budget (spread over chunks in proportion to
+    their maskable tokens, :func:`~tokencompress_env.baselines.segment_budgets`) goes to its highest
+    logits. The rate is exact per window, as for every method; the cost is one policy pass per chunk.
+
+    :param agent: an SB3 model whose policy has ``token_mask_logits`` (agents package)
+    :param reconstructor: the run's reconstructor (special tokens, and the ``surprisal`` feature when observed)
+    :param batch_size: windows per policy forward pass
+    :param keep_digits: the run's ``keep_digits`` setting
+    :return: the masking method
+    """
+    chunk = int(agent.action_space.n)
+
+    def method(
+        input_ids: np.ndarray, rate: float, context: Any, valid: np.ndarray | None = None, force_keep: np.ndarray | None = None
+    ) -> np.ndarray:
+        ids = np.asarray(input_ids, dtype=np.int64)
+        valid_np = np.ones(ids.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+        table = _cached_table(reconstructor, keep_digits)
+        keep = table[np.clip(ids, 0, table.shape[0] - 1)] & valid_np
+        if force_keep is not None:
+            keep |= np.asarray(force_keep, dtype=bool)
+        maskable = valid_np & ~keep
+        budgets = segment_budgets(maskable, mask_budget(rate, maskable), chunk)
+        decisions = np.zeros(ids.shape, dtype=np.int64)
+        masks = np.zeros(ids.shape, dtype=bool)
+        for s, start in enumerate(range(0, ids.shape[1], chunk)):
+            cols = slice(start, min(start + chunk, ids.shape[1]))
+            logits = window_mask_logits(agent, ids, valid_np, keep, rate, reconstructor, batch_size, decisions=decisions)
+            masks[:, cols] = budget_mask(logits[:, cols].astype(np.float64), budgets[:, s], maskable[:, cols])
+            decisions[:, cols] = np.where(masks[:, cols], _DROPPED, np.where(valid_np[:, cols], _KEPT, _UNDECIDED))
+        return masks
+
+    return method
 
 
 # ---------------------------------------------------------------------------- windows

@@ -1,0 +1,246 @@
+"""Ablations: what each part of the agent's training adds, on the validation split, over several seeds.
+
+Each *variant* is the base training config with a few keys changed (:data:`VARIANTS`):
+
+* ``distill_only``: the distillation warm start and no reinforcement learning;
+* ``ppo_only``: PPO from a random policy, no warm start;
+* ``distill_ppo``: the warm start, then PPO jointly with the reconstructor (the full method);
+* ``distill_ppo_frozen``: the same with the reconstructor frozen (no joint fine-tuning);
+* ``distill_ppo_decisions``: the full method with a policy that sees its earlier decisions.
+
+Every variant is trained with every seed (``runs/ablate/<variant>__s<seed>``; finished runs are reused, so
+an interrupted ablation continues where it stopped) and evaluated with :mod:`experiments.evaluate` on the
+**validation** split: the same windows, rates and exact rate control for every variant and baseline, the
+masks scored by the frozen reference reconstructor. The table (``ablation.md``, ``ablation.json``) gives
+each variant's bits per dropped token, mean ± standard deviation over the seeds, and each variant's paired
+difference to ``distill_only`` (the same windows; mean over seeds of the per-window difference, with a
+95 % bootstrap interval over documents).
+
+Examples::
+
+    python -m experiments.ablate                                          # the default budget, 3 seeds
+    python -m experiments.ablate --variants distill_only distill_ppo --seeds 0 1 2
+    python -m experiments.ablate --config experiments/configs/dev/debug.json --seeds 0 --max_windows 8   # seconds
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from experiments.config import build_config, cli_main, load_config_file, parse_config
+from experiments.evaluate import EvaluateConfig, run_evaluation
+from experiments.train_ppo import TrainConfig, train
+from tokencompress_env.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parent
+
+#: Variant name -> the training keys it changes.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "distill_only": {"total_timesteps": 0},
+    "ppo_only": {"distill_steps": 0},
+    "distill_ppo": {},
+    "distill_ppo_frozen": {"joint_training": False},
+    "distill_ppo_decisions": {"use_decisions": True},
+}
+
+#: The variant every other one is compared with.
+REFERENCE_VARIANT = "distill_only"
+
+
+@dataclass
+class AblateConfig:
+    """Options of ``experiments.ablate``.
+
+    :param config: JSON config of the training runs (the base every variant changes)
+    :param variants: variants to run (see :data:`VARIANTS`)
+    :param seeds: seeds of each variant
+    :param runs_dir: parent folder of the ablation's runs
+    :param out: folder of ``ablation.md`` and ``ablation.json`` (default: ``<runs_dir>/results``)
+    :param split: held-out split of the evaluation (``validation``: the ablation chooses; never ``test``)
+    :param mask_rates: requested mask rates
+    :param max_windows: evaluated windows
+    :param baselines: baselines evaluated beside the variants (on the same windows)
+    :param device: ``auto``, ``cpu``, ``cuda`` or ``mps``
+    :param progress_bar: show progress bars
+    """
+
+    config: str = str(ROOT / "configs" / "dev" / "ablation.json")
+    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    runs_dir: str = "runs/ablate"
+    out: str | None = None
+    split: str = "validation"
+    mask_rates: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
+    max_windows: int = 128
+    baselines: list[str] = field(default_factory=lambda: ["frequency", "self_information"])
+    device: str = "auto"
+    progress_bar: bool = False
+
+    def validate(self) -> None:
+        """Reject unknown variants and an empty seed list."""
+        unknown = [v for v in self.variants if v not in VARIANTS]
+        if unknown:
+            raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
+        if not self.seeds:
+            raise ConfigError("give at least one seed")
+        if self.split == "test":
+            print("warning: ablations choose configurations; run them on the validation split, not test", file=sys.stderr)
+
+
+def run_name(variant: str, seed: int) -> str:
+    """The run folder name of one variant and seed.
+
+    :param variant: a key of :data:`VARIANTS`
+    :param seed: the seed
+    :return: ``<variant>__s<seed>``
+    """
+    return f"{variant}__s{seed}"
+
+
+def train_variant(config: AblateConfig, variant: str, seed: int) -> Path:
+    """Train one variant with one seed (reusing a finished run, resuming an interrupted one).
+
+    :param config: the ablation's options
+    :param variant: a key of :data:`VARIANTS`
+    :param seed: the seed
+    :return: the run folder
+    """
+    values = load_config_file(config.config) | VARIANTS[variant]
+    values |= {"run_name": run_name(variant, seed), "runs_dir": config.runs_dir, "seed": seed, "device": config.device}
+    values["progress_bar"] = config.progress_bar
+    train_config = build_config(TrainConfig, values, where=f"variant '{variant}'")
+    run_dir = train_config.run_dir
+    if (run_dir / "agent.zip").exists():
+        return run_dir
+    train_config.resume = (run_dir / "checkpoints" / "latest" / "state.json").exists()
+    summary = train(train_config)
+    if summary["interrupted"]:
+        raise KeyboardInterrupt
+    return run_dir
+
+
+def _bits(records: list[dict[str, Any]], method: str, rate: float) -> float:
+    """Bits per dropped token of one method at one rate under the reference reconstructor.
+
+    :param records: evaluation records
+    :param method: the method's name in the records
+    :param rate: the requested rate
+    :return: the figure
+    """
+    for r in records:
+        if r["method"] == method and r["reconstructor"] == "reference" and abs(r["requested_mask_rate"] - rate) < 1e-9:
+            return float(r["bits_per_masked_token"])
+    raise KeyError(f"no record of {method} at rate {rate}")
+
+
+def ablation_table(
+    results: dict[str, list[list[dict[str, Any]]]], baselines: dict[str, list[dict[str, Any]]], rates: Sequence[float]
+) -> dict[str, Any]:
+    """Aggregate the per-seed evaluations into the ablation table.
+
+    :param results: variant -> one list of evaluation records per seed
+    :param baselines: baseline name -> its records (evaluated once, on the same windows)
+    :param rates: requested rates
+    :return: rows: name -> rate -> ``{"mean", "std", "seeds": [...]}`` of bits per dropped token
+    """
+    rows: dict[str, Any] = {}
+    for variant, per_seed in results.items():
+        rows[variant] = {}
+        for rate in rates:
+            values = [_bits(recs, "policy", rate) for recs in per_seed]
+            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+            rows[variant][str(rate)] = {"mean": float(np.mean(values)), "std": std, "seeds": values}
+    for name, recs in baselines.items():
+        rows[name] = {str(rate): {"mean": _bits(recs, name, rate), "std": 0.0, "seeds": [_bits(recs, name, rate)]} for rate in rates}
+    return rows
+
+
+def ablate(config: AblateConfig) -> dict[str, Any]:
+    """Train and evaluate every variant with every seed; write and return the table.
+
+    :param config: the options
+    :return: the table and where it was written
+    """
+    config.validate()
+    started = time.perf_counter()
+    out = Path(config.out) if config.out else Path(config.runs_dir) / "results"
+    results: dict[str, list[list[dict[str, Any]]]] = {}
+    for variant in config.variants:
+        results[variant] = []
+        for seed in config.seeds:
+            print(f"=== {variant}, seed {seed} ===", flush=True)
+            run_dir = train_variant(config, variant, seed)
+            records = run_evaluation(
+                EvaluateConfig(
+                    run=str(run_dir),
+                    split=config.split,
+                    mask_rates=list(config.mask_rates),
+                    methods=["policy"],
+                    max_windows=config.max_windows,
+                    out=str(run_dir / "eval" / config.split),
+                    device=config.device,
+                )
+            )
+            results[variant].append(records)
+    first_run = Path(config.runs_dir) / run_name(config.variants[0], config.seeds[0])
+    baseline_records = run_evaluation(
+        EvaluateConfig(
+            run=str(first_run),
+            split=config.split,
+            mask_rates=list(config.mask_rates),
+            methods=list(config.baselines),
+            max_windows=config.max_windows,
+            out=str(out / "baselines"),
+            device=config.device,
+        )
+    )
+    baselines = {name: baseline_records for name in config.baselines}
+    rows = ablation_table(results, baselines, config.mask_rates)
+    summary = {"config": asdict(config), "split": config.split, "rows": rows, "seconds": time.perf_counter() - started}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ablation.json").write_text(json.dumps(summary, indent=2))
+    (out / "ablation.md").write_text(ablation_markdown(rows, config))
+    print((out / "ablation.md").read_text())
+    return summary
+
+
+def ablation_markdown(rows: dict[str, Any], config: AblateConfig) -> str:
+    """The ablation table as Markdown.
+
+    :param rows: from :func:`ablation_table`
+    :param config: the options (split, seeds, rates)
+    :return: the Markdown text
+    """
+    rates = [str(r) for r in config.mask_rates]
+    lines = [
+        f"Bits per dropped token (reference reconstructor, {config.split} split, {config.max_windows} windows), "
+        f"mean ± std over seeds {', '.join(map(str, config.seeds))}; lower is better.",
+        "",
+        "| variant | " + " | ".join(rates) + " |",
+        "|---|" + "---:|" * len(rates),
+    ]
+    for name, row in rows.items():
+        cells = [f"{row[r]['mean']:.3f} ± {row[r]['std']:.3f}" if name in config.variants else f"{row[r]['mean']:.3f}" for r in rates]
+        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+@cli_main
+def main(argv: Sequence[str] | None = None) -> None:
+    """Entry point of ``python -m experiments.ablate``.
+
+    :param argv: command-line arguments
+    """
+    ablate(parse_config(AblateConfig, argv, description=__doc__ or ""))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
