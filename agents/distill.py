@@ -22,8 +22,10 @@ import torch as th
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tokencompress_env.reconstructor import Reconstructor
+from tokencompress_env.reconstructor import Reconstructor, resolve_scoring_dtype
 
+#: Distillation targets (see :func:`distill_policy`).
+DISTILL_TARGETS = ("rank", "cost")
 #: Bits per logit unit of the ``cost`` distillation target (``-logit * COST_SCALE`` predicts the surprisal).
 COST_SCALE = 4.0
 
@@ -55,6 +57,7 @@ def distill_policy(
     observe_surprisal: bool = False,
     on_policy_fraction: float = 0.5,
     target: str = "rank",
+    scoring_dtype: str = "float32",
     seed: int = 0,
     progress: bool = True,
     logger: Any = None,
@@ -75,13 +78,18 @@ def distill_policy(
     :param target: ``"rank"``: binary cross-entropy against the labels of the ``round(r * n)`` cheapest
         tokens; ``"cost"``: regression of ``-logit`` on each token's surprisal (bits, clipped at 20) given
         the compressed context, so the logits rank tokens by their predicted cost at every rate
+    :param scoring_dtype: precision of the reconstructor's forward passes that make the labels (see
+        :func:`~tokencompress_env.reconstructor.resolve_scoring_dtype`; ``auto``: bfloat16 where native)
     :param seed: seed of batches, rates and random contexts
     :param progress: show a progress bar
     :param logger: an SB3 logger for ``distill/*`` scalars (``None``: no logging)
     :return: first and last loss and the label agreement (fraction of labelled tokens in the policy's top-k)
     """
+    if target not in DISTILL_TARGETS:
+        raise ValueError(f"target must be one of {DISTILL_TARGETS}, got '{target}'")
     generator = th.Generator().manual_seed(seed)
     device = policy.device
+    teacher_dtype = resolve_scoring_dtype(scoring_dtype, reconstructor.device)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = th.optim.Adam(params, lr=learning_rate)
     losses: list[float] = []
@@ -105,7 +113,7 @@ def distill_policy(
             "target_mask_rate": rate[:, None].float(),
         }
         if observe_surprisal:
-            obs["surprisal"] = reconstructor.surprisal(ids, real).cpu().float()
+            obs["surprisal"] = reconstructor.surprisal(ids, real, dtype=teacher_dtype).cpu().float()
         obs_t = {k: v.to(device).float() for k, v in obs.items()}
         logits = policy.token_mask_logits(obs_t, exclude_invalid=False)
         context = th.rand(ids.shape, generator=generator) < rate[:, None]
@@ -113,7 +121,8 @@ def distill_policy(
         if n_on_policy:
             own = cheapest_tokens(-logits.detach().cpu()[:n_on_policy], maskable[:n_on_policy], rate[:n_on_policy]) > 0
             context[:n_on_policy] = own
-        scores = reconstructor.score(ids, context, real)
+        with th.no_grad():
+            scores = reconstructor.score(ids, context, real, dtype=teacher_dtype)
         labels = cheapest_tokens(scores.surprisal.cpu(), maskable, rate)
         weight = maskable.to(device).float()
         if target == "cost":

@@ -38,7 +38,7 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecMonitor
 
 from agents.algorithms import canonical_name, get_algorithm, make_model
-from agents.distill import distill_policy
+from agents.distill import DISTILL_TARGETS, distill_policy
 from callbacks.checkpoint import (
     JointCheckpointCallback,
     load_checkpoint_state,
@@ -95,9 +95,13 @@ class TrainConfig:
     :param use_decisions: let the policy see the decisions made so far; ``False`` (default) makes it a
         one-pass ranker whose whole-window logits (used by ``compress()`` and the evaluation) are exactly
         those it acted on in training
+    :param use_copy_features: give the policy the copy features of each token (does it repeat a token, bigram or
+        trigram seen earlier in the window: what a causal reconstructor can copy)
     :param distill_steps: steps of policy warm start by distillation from the reconstructor before RL (0: none)
     :param distill_batch_size: windows per distillation step
     :param distill_lr: learning rate of the distillation
+    :param distill_target: ``rank`` (learn the labels of the cheapest tokens at the window's rate) or ``cost``
+        (regress each token's surprisal given a compressed context)
     :param joint_training: fine-tune the reconstructor between rollouts
     :param reconstructor_lr: learning rate of the reconstructor fine-tuning
     :param reconstructor_steps: optimizer steps per fine-tuning round
@@ -141,9 +145,11 @@ class TrainConfig:
     clip_range: float = 0.2
     embed_dim: int = 192
     use_decisions: bool = False
+    use_copy_features: bool = False
     distill_steps: int = 0
     distill_batch_size: int = 32
     distill_lr: float = 1e-3
+    distill_target: str = "rank"
     joint_training: bool = True
     reconstructor_lr: float = 5e-5
     reconstructor_steps: int = 4
@@ -171,6 +177,8 @@ class TrainConfig:
             raise ConfigError("mask rates must satisfy 0 <= mask_rate_min <= mask_rate_max < 1")
         if self.seq_len % self.chunk_size:
             raise ConfigError(f"seq_len ({self.seq_len}) must be a multiple of chunk_size ({self.chunk_size})")
+        if self.distill_target not in DISTILL_TARGETS:
+            raise ConfigError(f"distill_target must be one of {', '.join(DISTILL_TARGETS)}, got '{self.distill_target}'")
         if self.scoring_dtype not in SCORING_DTYPES:
             raise ConfigError(f"scoring_dtype must be one of {', '.join(SCORING_DTYPES)}, got '{self.scoring_dtype}'")
 
@@ -309,7 +317,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
         model = make_model(
             config.algo,
             env,
-            features_extractor_kwargs={"embed_dim": config.embed_dim, "use_decisions": config.use_decisions},
+            features_extractor_kwargs={
+                "embed_dim": config.embed_dim,
+                "use_decisions": config.use_decisions,
+                "use_copy_features": config.use_copy_features,
+            },
             tensorboard_log=tensorboard_log,
             **_algo_kwargs(config),
         )
@@ -346,6 +358,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             steps=config.distill_steps,
             batch_size=config.distill_batch_size,
             learning_rate=config.distill_lr,
+            target=config.distill_target,
+            scoring_dtype=config.scoring_dtype,
             rate_range=(config.mask_rate_min, config.mask_rate_max),
             observe_surprisal=config.observe_surprisal,
             seed=config.seed,

@@ -41,7 +41,9 @@ class _Scores:
 class PlantedScorer:
     """Stand-in reconstructor: token ``B`` right after a kept ``A`` costs 0.5 bits; every other token ~8 bits."""
 
-    def score(self, ids: th.Tensor, context: th.Tensor, valid: th.Tensor) -> _Scores:
+    device = th.device("cpu")
+
+    def score(self, ids: th.Tensor, context: th.Tensor, valid: th.Tensor, dtype: Any = None) -> _Scores:
         ids, context = th.as_tensor(ids), th.as_tensor(context, dtype=th.bool)
         after_kept_a = th.zeros_like(context)
         after_kept_a[:, 1:] = (ids[:, :-1] == A) & ~context[:, :-1]
