@@ -15,6 +15,7 @@ maskable positions only. PPO then fine-tunes the warm-started policy on the real
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -61,6 +62,9 @@ def distill_policy(
     seed: int = 0,
     progress: bool = True,
     logger: Any = None,
+    start_step: int = 0,
+    optimizer_state: dict[str, Any] | None = None,
+    callback: Callable[[int, th.optim.Optimizer], bool] | None = None,
 ) -> dict[str, float]:
     """Train ``policy`` in place to rank the tokens that are cheapest to drop (see the module docstring).
 
@@ -83,19 +87,28 @@ def distill_policy(
     :param seed: seed of batches, rates and random contexts
     :param progress: show a progress bar
     :param logger: an SB3 logger for ``distill/*`` scalars (``None``: no logging)
-    :return: first and last loss and the label agreement (fraction of labelled tokens in the policy's top-k)
+    :param start_step: steps already done (a resumed distillation continues from here; its random
+        stream is reseeded with ``seed + start_step``)
+    :param optimizer_state: the optimizer's ``state_dict`` to continue from (``None``: a fresh optimizer)
+    :param callback: called after every step with the number of steps done and the optimizer (the
+        training driver checkpoints there); returning ``False`` stops the distillation after that step
+    :return: first and last loss, the label agreement (fraction of labelled tokens in the policy's
+        top-k) and ``steps_done`` (``steps`` unless the callback stopped it)
     """
     if target not in DISTILL_TARGETS:
         raise ValueError(f"target must be one of {DISTILL_TARGETS}, got '{target}'")
-    generator = th.Generator().manual_seed(seed)
+    generator = th.Generator().manual_seed(seed + start_step)
     device = policy.device
     teacher_dtype = resolve_scoring_dtype(scoring_dtype, reconstructor.device)
     params = [p for p in policy.parameters() if p.requires_grad]
     optimizer = th.optim.Adam(params, lr=learning_rate)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)
     losses: list[float] = []
     agreement = 0.0
+    steps_done = start_step
     policy.set_training_mode(True)
-    bar = tqdm(range(steps), desc="Distilling policy", disable=not progress, unit="step")
+    bar = tqdm(range(start_step, steps), desc="Distilling policy", disable=not progress, unit="step", initial=start_step, total=steps)
     for step in bar:
         idx = th.randint(0, len(windows), (batch_size,), generator=generator).numpy()
         ids = th.as_tensor(windows[idx], dtype=th.long)
@@ -144,9 +157,13 @@ def distill_policy(
             logger.record("distill/loss", losses[-1])
             logger.record("distill/label_agreement", agreement)
             logger.dump(step)
+        steps_done = step + 1
+        if callback is not None and not callback(steps_done, optimizer):
+            break
     policy.set_training_mode(False)
     return {
         "first_loss": losses[0] if losses else float("nan"),
         "last_loss": losses[-1] if losses else float("nan"),
         "label_agreement": agreement,
+        "steps_done": steps_done,
     }

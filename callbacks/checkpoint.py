@@ -2,13 +2,20 @@
 
 A checkpoint is a folder ``<run>/checkpoints/latest`` written as a whole into a temporary folder and
 renamed into place, so a run killed at any moment (even with SIGKILL) leaves the previous complete
-checkpoint loadable. It holds ``agent.zip`` (SB3), ``reconstructor/`` (safetensors),
-``reconstructor_optimizer.pt`` (tensors only, read with ``weights_only=True``), ``config.json`` and
-``state.json`` (timesteps and fine-tuning rounds).
+checkpoint loadable. It holds ``agent.zip`` (SB3), ``policy.safetensors`` and ``policy.json`` (the
+policy for inference, loaded without unpickling: :mod:`agents.artifact`), ``reconstructor/``
+(safetensors), ``reconstructor_optimizer.pt`` (tensors only, read with ``weights_only=True``),
+``config.json`` and ``state.json`` (timesteps, fine-tuning rounds, and ``agent_sha256``, the SHA-256 of
+the ``agent.zip`` written with it). A checkpoint taken during distillation also holds
+``distill_optimizer.pt`` and records ``phase: "distill"`` and ``distill_step`` in ``state.json``.
+
+``agent.zip`` is a pickle, so it is unpickled only to resume training, and only after
+:func:`verify_agent_file` has checked that its SHA-256 is the one recorded when this run wrote it.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -19,6 +26,7 @@ import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 
+from agents.artifact import save_policy_artifact
 from callbacks.joint_training import ReconstructorFinetuneCallback
 from tokencompress_env.errors import CheckpointError
 from tokencompress_env.reconstructor import Reconstructor
@@ -41,6 +49,23 @@ def _replace_dir(tmp: Path, target: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
+#: File of the distillation optimizer's state in a checkpoint taken during distillation.
+DISTILL_OPTIMIZER = "distill_optimizer.pt"
+
+
+def file_sha256(path: Path) -> str:
+    """The SHA-256 of a file's bytes.
+
+    :param path: the file
+    :return: 64 hex digits
+    """
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
 def save_run_artifacts(
     folder: Path,
     model: BaseAlgorithm,
@@ -48,26 +73,36 @@ def save_run_artifacts(
     finetune: ReconstructorFinetuneCallback | None,
     config: dict[str, Any],
     state: dict[str, Any] | None = None,
+    distill_optimizer: torch.optim.Optimizer | None = None,
 ) -> None:
-    """Write agent, reconstructor, its optimizer, config and state into ``folder`` atomically.
+    """Write agent, safe policy artifact, reconstructor, optimizers, config and state into ``folder`` atomically.
 
     :param folder: destination folder (replaced as a whole)
     :param model: the SB3 agent
     :param reconstructor: the (jointly trained) reconstructor
     :param finetune: the fine-tuning callback whose optimizer is saved (``None``: none)
-    :param config: the run's resolved config
+    :param config: the run's resolved config (its ``algo`` goes into ``policy.json``)
     :param state: extra facts for ``state.json``
+    :param distill_optimizer: during distillation, its optimizer (saved as ``distill_optimizer.pt``)
     """
     folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     model.save(tmp / "agent.zip")
+    save_policy_artifact(model, str(config.get("algo", "ppo")), tmp)
     reconstructor.save_pretrained(tmp / "reconstructor")
     if finetune is not None:
         torch.save(finetune.optimizer.state_dict(), tmp / "reconstructor_optimizer.pt")
+    if distill_optimizer is not None:
+        torch.save(distill_optimizer.state_dict(), tmp / DISTILL_OPTIMIZER)
     (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
-    facts = {"num_timesteps": int(model.num_timesteps), "finetune_rounds": finetune.rounds if finetune else 0, **(state or {})}
+    facts = {
+        "num_timesteps": int(model.num_timesteps),
+        "finetune_rounds": finetune.rounds if finetune else 0,
+        "agent_sha256": file_sha256(tmp / "agent.zip"),
+        **(state or {}),
+    }
     (tmp / "state.json").write_text(json.dumps(facts, indent=2))
     _replace_dir(tmp, folder)
 
@@ -115,14 +150,44 @@ def load_checkpoint_state(folder: Path) -> dict[str, Any]:
         int(state["num_timesteps"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise CheckpointError(_unusable(folder, "is corrupt (unreadable state.json)")) from None
-    optimizer = folder / "reconstructor_optimizer.pt"
-    if optimizer.exists():  # read it now, so a resume fails before it writes anything
-        try:
-            torch.load(optimizer, map_location="cpu", weights_only=True)
-        except Exception as exc:  # truncated or garbage file
-            first = str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else type(exc).__name__
-            raise CheckpointError(_unusable(folder, f"is corrupt (reconstructor_optimizer.pt: {first})")) from None
+    for name in ("reconstructor_optimizer.pt", DISTILL_OPTIMIZER):
+        optimizer = folder / name
+        if optimizer.exists():  # read it now, so a resume fails before it writes anything
+            try:
+                torch.load(optimizer, map_location="cpu", weights_only=True)
+            except Exception as exc:  # truncated or garbage file
+                first = str(exc).strip().splitlines()[0].split(". ")[0][:200] if str(exc).strip() else type(exc).__name__
+                raise CheckpointError(_unusable(folder, f"is corrupt ({name}: {first})")) from None
+    if state.get("phase") == "distill" and not (folder / DISTILL_OPTIMIZER).exists():
+        raise CheckpointError(_unusable(folder, f"is incomplete (missing {DISTILL_OPTIMIZER})"))
     return dict(state)
+
+
+def verify_agent_file(folder: Path, trust_pickle: bool = False) -> None:
+    """Check that a checkpoint's ``agent.zip`` is the file this run wrote, before it is unpickled to resume.
+
+    ``agent.zip`` holds pickled Python objects: unpickling a replaced file could run any code. Its
+    SHA-256 must equal ``agent_sha256`` in the checkpoint's ``state.json`` (recorded when it was written).
+
+    :param folder: the checkpoint folder
+    :param trust_pickle: skip the check (checkpoints of older versions record no hash); only for runs
+        you made yourself
+    :raises CheckpointError: when the hash is missing or differs
+    """
+    if trust_pickle:
+        return
+    recorded = load_checkpoint_state(folder).get("agent_sha256")
+    if not recorded:
+        raise CheckpointError(
+            f"checkpoint '{folder}' records no SHA-256 of its agent.zip (written by an older version), and agent.zip is a "
+            "pickle that can run code when loaded: if you made this run yourself, add --trust_agent_pickle true to resume it"
+        )
+    if file_sha256(folder / "agent.zip") != recorded:
+        raise CheckpointError(
+            f"'{folder / 'agent.zip'}' is not the file this run wrote (its SHA-256 differs from the one in state.json): "
+            "it was replaced or damaged, and it is a pickle that can run code, so it is not loaded; restore the original "
+            "or start over with another --run_name"
+        )
 
 
 def load_reconstructor_optimizer(finetune: ReconstructorFinetuneCallback, folder: Path) -> None:

@@ -15,7 +15,8 @@ primary table) and, for a run, by the jointly trained ``joint`` one. Writes ``re
 ``results.md``, ``rate_distortion.png`` and the resolved ``eval_config.json`` to ``--out``.
 
 A run folder (written by ``experiments.train_ppo``) holds ``config.json``, ``reference_reconstructor/``,
-``reconstructor/`` and ``agent.zip``; :func:`load_run` reads it and reports what is missing. The policy
+``reconstructor/`` and ``policy.safetensors`` + ``policy.json``; :func:`load_run` reads it (never the
+pickle ``agent.zip``) and reports what is missing. The policy
 plugs in through :func:`tokencompress_env.baselines.policy_method`: its per-token mask logits (the
 agents package's ``token_mask_logits``) are ranked under the same budget as every baseline.
 """
@@ -46,7 +47,7 @@ from tokencompress_env.baselines import (
 )
 from tokencompress_env.compressor import agent_logit_fn, agent_sequential_method
 from tokencompress_env.data import EMBEDDED, CorpusSpec, local_documents, make_windows, prepare_corpus, window_array
-from tokencompress_env.errors import ConfigError, InputError, ReconstructorLoadError
+from tokencompress_env.errors import CheckpointError, ConfigError, InputError, ReconstructorLoadError
 from tokencompress_env.evaluation import METHOD_NAMES, evaluate, plot_rate_distortion, write_results_json, write_results_markdown
 from tokencompress_env.reconstructor import BUILD_INFO, Reconstructor
 
@@ -128,7 +129,8 @@ class RunBundle:
     :param config: its ``config.json`` (empty when missing)
     :param reference: the frozen pretrained reconstructor (``reference_reconstructor/``)
     :param joint: the jointly trained reconstructor (``reconstructor/``), ``None`` when missing
-    :param agent: the trained SB3 model (``agent.zip``), ``None`` when missing or unloadable
+    :param agent: the trained policy (:class:`agents.artifact.PolicyArtifact`, from ``policy.safetensors`` and
+        ``policy.json``), ``None`` when missing or unloadable
     :param problems: why a part is missing (shown to the user)
     """
 
@@ -145,7 +147,7 @@ def load_run(run_dir: str | Path, device: str = "auto", load_agent: bool = True)
 
     :param run_dir: the run folder
     :param device: where to put the models
-    :param load_agent: load ``agent.zip`` (not needed for baselines)
+    :param load_agent: load the policy (not needed for baselines); from its safe artifact, never from ``agent.zip``
     :return: the bundle
     """
     root = Path(run_dir).expanduser()
@@ -174,16 +176,17 @@ def load_run(run_dir: str | Path, device: str = "auto", load_agent: bool = True)
         problems.append("no reconstructor/ (the run has not finished?): scoring with the reference reconstructor only")
     agent = None
     if load_agent:
-        if (root / "agent.zip").is_file():
-            try:
-                from agents.algorithms import get_algorithm
+        from agents.artifact import POLICY_WEIGHTS, has_policy_artifact, load_policy_artifact, missing_artifact_message
 
-                spec = get_algorithm(str(config.get("algo", "ppo")))
-                agent = spec.algo_class.load(str(root / "agent.zip"), device=str(reference.device))
-            except Exception as exc:
-                problems.append(f"agent.zip not loaded: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+        if has_policy_artifact(root):
+            try:
+                agent = load_policy_artifact(root, reference.device)
+            except CheckpointError as exc:
+                problems.append(f"policy not loaded: {exc}")
+        elif (root / "agent.zip").is_file():
+            problems.append(missing_artifact_message(root))
         else:
-            problems.append("no agent.zip")
+            problems.append(f"no {POLICY_WEIGHTS}")
     return RunBundle(root, config, reference, joint, agent, problems)
 
 

@@ -8,9 +8,12 @@ Examples::
 
 A run writes ``<runs_dir>/<run_name>/``: ``config.json`` (the resolved config), ``tb/`` (TensorBoard),
 ``reference_reconstructor/`` (the frozen starting reconstructor), ``checkpoints/latest/`` (saved every
-``save_freq`` steps and on Ctrl-C, atomically), and at the end ``agent.zip``, ``reconstructor/``,
-``reconstructor_optimizer.pt`` and ``state.json``. ``--resume true`` continues from the latest checkpoint
-(step counter, TensorBoard curves, agent, reconstructor and its optimizer).
+``save_freq`` steps, every ``distill_save_freq`` distillation steps and at the end of distillation, and
+on Ctrl-C, atomically), and at the end ``policy.safetensors`` + ``policy.json`` (the policy for
+inference, loaded without unpickling), ``agent.zip``, ``reconstructor/``, ``reconstructor_optimizer.pt``
+and ``state.json``. ``--resume true`` continues from the latest checkpoint (distillation from its step
+with its optimizer, then PPO: step counter, TensorBoard curves, agent, reconstructor and its optimizer);
+it unpickles the checkpoint's ``agent.zip`` only if its SHA-256 is the one recorded in ``state.json``.
 
 Everything is validated (config, reconstructor, ``seq_len`` against its context, corpus, checkpoint)
 before anything is written, so a run that fails validation leaves no run folder behind. Killed at any
@@ -40,10 +43,14 @@ from stable_baselines3.common.vec_env import VecMonitor
 from agents.algorithms import canonical_name, get_algorithm, make_model
 from agents.distill import DISTILL_TARGETS, distill_policy
 from callbacks.checkpoint import (
+    DISTILL_OPTIMIZER,
+    LATEST,
     JointCheckpointCallback,
     load_checkpoint_state,
     load_reconstructor_optimizer,
     recover_checkpoint,
+    save_run_artifacts,
+    verify_agent_file,
 )
 from callbacks.joint_training import ReconstructorFinetuneCallback
 from callbacks.metrics import CompressionMetricsCallback
@@ -102,6 +109,7 @@ class TrainConfig:
     :param distill_lr: learning rate of the distillation
     :param distill_target: ``rank`` (learn the labels of the cheapest tokens at the window's rate) or ``cost``
         (regress each token's surprisal given a compressed context)
+    :param distill_save_freq: distillation steps between checkpoints (0: only at the end of distillation and on Ctrl-C)
     :param joint_training: fine-tune the reconstructor between rollouts
     :param reconstructor_lr: learning rate of the reconstructor fine-tuning
     :param reconstructor_steps: optimizer steps per fine-tuning round
@@ -113,6 +121,9 @@ class TrainConfig:
     :param tensorboard: write TensorBoard events to ``<run>/tb``
     :param progress_bar: show SB3's progress bar
     :param resume: continue from ``<run>/checkpoints/latest``
+    :param trust_agent_pickle: resume even when the checkpoint's ``agent.zip`` (a pickle, which can run code
+        when loaded) has no recorded SHA-256 (older versions) or another one; only for runs you made yourself.
+        Never saved in ``config.json``
     :param verbose: SB3 verbosity
     """
 
@@ -150,6 +161,7 @@ class TrainConfig:
     distill_batch_size: int = 32
     distill_lr: float = 1e-3
     distill_target: str = "rank"
+    distill_save_freq: int = 100
     joint_training: bool = True
     reconstructor_lr: float = 5e-5
     reconstructor_steps: int = 4
@@ -161,6 +173,7 @@ class TrainConfig:
     tensorboard: bool = True
     progress_bar: bool = True
     resume: bool = False
+    trust_agent_pickle: bool = False
     verbose: int = 0
 
     def validate(self) -> None:
@@ -181,6 +194,8 @@ class TrainConfig:
             raise ConfigError(f"distill_target must be one of {', '.join(DISTILL_TARGETS)}, got '{self.distill_target}'")
         if self.scoring_dtype not in SCORING_DTYPES:
             raise ConfigError(f"scoring_dtype must be one of {', '.join(SCORING_DTYPES)}, got '{self.scoring_dtype}'")
+        if self.distill_save_freq < 0:
+            raise ConfigError(f"distill_save_freq must be >= 0 (0: only at the end of distillation), got {self.distill_save_freq}")
 
     @property
     def run_dir(self) -> Path:
@@ -257,6 +272,7 @@ def _prepare_run_dir(config: TrainConfig) -> Reconstructor:
         if not latest.exists():
             raise CheckpointError(f"cannot resume: '{latest}' does not exist (run without --resume to start '{config.run_name}')")
         load_checkpoint_state(latest)
+        verify_agent_file(latest, config.trust_agent_pickle)
         try:
             reconstructor = Reconstructor.from_pretrained(latest / "reconstructor", device=config.device)
         except ReconstructorLoadError as exc:
@@ -285,6 +301,7 @@ def _load_agent(config: TrainConfig, latest: Path, env: VecMonitor) -> BaseAlgor
     :return: the agent
     """
     spec = get_algorithm(config.algo)
+    verify_agent_file(latest, config.trust_agent_pickle)  # checked again right before unpickling
     try:
         model: BaseAlgorithm = spec.algo_class.load(latest / "agent.zip", env=env, device=str(resolve_device(config.device)))
     except Exception as exc:  # truncated zip, wrong algorithm or spaces: the same user-facing problem
@@ -294,6 +311,84 @@ def _load_agent(config: TrainConfig, latest: Path, env: VecMonitor) -> BaseAlgor
             f"check --algo, or start over with another --run_name"
         ) from None
     return model
+
+
+def _distill(
+    config: TrainConfig,
+    model: BaseAlgorithm,
+    reconstructor: Reconstructor,
+    finetune: ReconstructorFinetuneCallback | None,
+    env: VecMonitor,
+    resolved: dict[str, Any],
+) -> tuple[dict[str, Any] | None, bool]:
+    """Distil the policy (or continue a resumed distillation), checkpointing as PPO does.
+
+    A checkpoint (``phase: "distill"``, the step, the distillation optimizer) is written every
+    ``distill_save_freq`` steps, at the end of distillation and on Ctrl-C, which stops it after the
+    current step. A resumed run continues from its checkpoint's step; a checkpoint taken during PPO
+    (or by an older version, which checkpointed only during PPO) means distillation is done.
+
+    :param config: the run config
+    :param model: the agent whose policy is distilled
+    :param reconstructor: the reconstructor (teacher)
+    :param finetune: the fine-tuning callback (its optimizer goes into the checkpoints), if any
+    :param env: the training environment (its windows are the distillation data)
+    :param resolved: the config saved with the checkpoints
+    :return: the distillation report (``None`` when nothing was left to distil) and whether Ctrl-C stopped it
+    """
+    latest = config.run_dir / "checkpoints" / LATEST
+    start, optimizer_state = 0, None
+    if config.resume:
+        state = load_checkpoint_state(latest)
+        if state.get("phase") != "distill":
+            return None, False
+        start = int(state.get("distill_step", 0))
+        optimizer_state = torch.load(latest / DISTILL_OPTIMIZER, map_location="cpu", weights_only=True)
+    if start >= config.distill_steps:
+        return None, False
+    stop = False
+
+    def on_sigint(signum: int, frame: FrameType | None) -> None:
+        nonlocal stop
+        stop = True  # acted on at the end of the current step, so the checkpoint is consistent
+
+    def on_step(step: int, optimizer: torch.optim.Optimizer) -> bool:
+        due = config.distill_save_freq > 0 and step % config.distill_save_freq == 0
+        if stop or due or step >= config.distill_steps:
+            state = {"phase": "distill", "distill_step": step}
+            save_run_artifacts(latest, model, reconstructor, finetune, resolved, state, distill_optimizer=optimizer)
+        return not stop
+
+    windows = env.venv.venv.core.windows  # type: ignore[attr-defined]
+    distill_logger = configure(str(config.run_dir / "tb" / "distill"), ["tensorboard"]) if config.tensorboard else None
+    previous = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        report = distill_policy(
+            model.policy,
+            reconstructor,
+            windows.token_ids,
+            windows.valid,
+            windows.force_keep,
+            steps=config.distill_steps,
+            batch_size=config.distill_batch_size,
+            learning_rate=config.distill_lr,
+            target=config.distill_target,
+            scoring_dtype=config.scoring_dtype,
+            rate_range=(config.mask_rate_min, config.mask_rate_max),
+            observe_surprisal=config.observe_surprisal,
+            seed=config.seed,
+            progress=config.progress_bar,
+            logger=distill_logger,
+            start_step=start,
+            optimizer_state=optimizer_state,
+            callback=on_step,
+        )
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if distill_logger is not None:
+            distill_logger.close()
+    report = {**report, "resumed_from_step": start}
+    return report, stop
 
 
 def train(config: TrainConfig) -> dict[str, Any]:
@@ -306,6 +401,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     reconstructor = _prepare_run_dir(config)
     run_dir = config.run_dir
     resolved = asdict(config)
+    resolved.pop("trust_agent_pickle")  # a trust given once on the command line is never inherited through config.json
     env = make_training_env(config, reconstructor)  # loads the corpus: fails before anything is written
     tensorboard_log = str(run_dir / "tb") if config.tensorboard else None
     latest = run_dir / "checkpoints" / "latest"
@@ -345,33 +441,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
     )
     if finetune is not None and config.resume:
         load_reconstructor_optimizer(finetune, latest)
-    distill_report = None
-    if config.distill_steps > 0 and not config.resume:
-        windows = env.venv.venv.core.windows  # type: ignore[attr-defined]
-        distill_logger = configure(str(run_dir / "tb" / "distill"), ["tensorboard"]) if config.tensorboard else None
-        distill_report = distill_policy(
-            model.policy,
-            reconstructor,
-            windows.token_ids,
-            windows.valid,
-            windows.force_keep,
-            steps=config.distill_steps,
-            batch_size=config.distill_batch_size,
-            learning_rate=config.distill_lr,
-            target=config.distill_target,
-            scoring_dtype=config.scoring_dtype,
-            rate_range=(config.mask_rate_min, config.mask_rate_max),
-            observe_surprisal=config.observe_surprisal,
-            seed=config.seed,
-            progress=config.progress_bar,
-            logger=distill_logger,
-        )
-        if distill_logger is not None:
-            distill_logger.close()
+    distill_report, interrupted = _distill(config, model, reconstructor, finetune, env, resolved)
     checkpoint = JointCheckpointCallback(config.save_freq, run_dir, reconstructor, finetune, resolved, verbose=config.verbose)
     metrics = CompressionMetricsCallback()
     callbacks = [metrics, *([finetune] if finetune else []), checkpoint]
-    interrupted = False
 
     def _on_sigint(signum: int, frame: FrameType | None) -> None:
         raise KeyboardInterrupt
@@ -379,20 +452,22 @@ def train(config: TrainConfig) -> dict[str, Any]:
     previous = signal.signal(signal.SIGINT, _on_sigint)
     started = time.perf_counter()
     try:
-        model.learn(
-            total_timesteps=max(0, config.total_timesteps - model.num_timesteps) if config.resume else config.total_timesteps,
-            callback=CallbackList(callbacks),
-            tb_log_name=TB_LOG_NAME,
-            reset_num_timesteps=not config.resume,
-            progress_bar=config.progress_bar,
-        )
+        if not interrupted:
+            model.learn(
+                total_timesteps=max(0, config.total_timesteps - model.num_timesteps) if config.resume else config.total_timesteps,
+                callback=CallbackList(callbacks),
+                tb_log_name=TB_LOG_NAME,
+                reset_num_timesteps=not config.resume,
+                progress_bar=config.progress_bar,
+            )
     except KeyboardInterrupt:
         interrupted = True
         checkpoint.save()
-        print(f"Interrupted: checkpoint saved to {checkpoint.path}; continue with --resume true")
     finally:
         signal.signal(signal.SIGINT, previous)
         env.close()
+    if interrupted:
+        print(f"Interrupted: checkpoint saved to {checkpoint.path}; continue with --resume true")
     seconds = time.perf_counter() - started
     summary: dict[str, Any] = {
         "run_dir": str(run_dir),
@@ -410,7 +485,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
         # The final checkpoint is the run's result: publish a copy of it at the run's root.
         shutil.rmtree(run_dir / "final.tmp", ignore_errors=True)
         shutil.copytree(checkpoint.save(), run_dir / "final.tmp")
-        for name in ("agent.zip", "reconstructor", "reconstructor_optimizer.pt", "state.json"):
+        for name in ("policy.safetensors", "policy.json", "agent.zip", "reconstructor", "reconstructor_optimizer.pt", "state.json"):
             target = run_dir / name
             if target.is_dir():
                 shutil.rmtree(target)

@@ -251,29 +251,35 @@ def test_load_errors_name_what_is_missing(run_dir: Path, tmp_path: Path) -> None
         Compressor.load(tmp_path / "nope")
     empty = tmp_path / "empty"
     empty.mkdir()
-    with pytest.raises(CheckpointError, match=r"config\.json, agent\.zip, reconstructor"):
+    with pytest.raises(CheckpointError, match=r"config\.json, policy\.safetensors, policy\.json, reconstructor"):
         Compressor.load(empty)
 
     partial = tmp_path / "partial"
     shutil.copytree(run_dir, partial)
-    (partial / "agent.zip").unlink()
-    with pytest.raises(CheckpointError, match=r"missing agent\.zip.*checkpoints/latest"):
+    for name in ("agent.zip", "policy.safetensors", "policy.json"):
+        (partial / name).unlink()
+    with pytest.raises(CheckpointError, match=r"missing policy\.safetensors, policy\.json.*checkpoints/latest"):
         Compressor.load(partial)
     # The checkpoint the message points to loads (its reference reconstructor is the run's).
     comp = Compressor.load(partial / "checkpoints" / "latest", device="cpu")
     assert comp.reference_dir == partial / "reference_reconstructor"
 
-    shutil.copy(run_dir / "agent.zip", partial / "agent.zip")
+    for name in ("policy.safetensors", "policy.json"):
+        shutil.copy(run_dir / name, partial / name)
     shutil.rmtree(partial / "reconstructor")
     with pytest.raises(CheckpointError, match="missing reconstructor"):
         Compressor.load(partial)
 
     corrupt = tmp_path / "corrupt"
     shutil.copytree(run_dir, corrupt)
-    (corrupt / "agent.zip").write_bytes(b"not a zip file")
-    with pytest.raises(CheckpointError, match=r"agent\.zip"):
+    (corrupt / "policy.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(CheckpointError, match=r"policy\.safetensors' \(corrupt or partial\?\)"):
         Compressor.load(corrupt)
-    shutil.copy(run_dir / "agent.zip", corrupt / "agent.zip")
+    shutil.copy(run_dir / "policy.safetensors", corrupt / "policy.safetensors")
+    (corrupt / "policy.json").write_text("{not json")
+    with pytest.raises(CheckpointError, match=r"policy\.json' is not a usable policy spec"):
+        Compressor.load(corrupt)
+    shutil.copy(run_dir / "policy.json", corrupt / "policy.json")
     (corrupt / "config.json").write_text("{not json")
     with pytest.raises(CheckpointError, match=r"config\.json"):
         Compressor.load(corrupt)

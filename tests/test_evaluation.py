@@ -172,7 +172,7 @@ def test_load_run_is_defensive(tmp_path: Path, test_reconstructor_dir: Path, tc_
     (run_dir / "config.json").write_text(json.dumps({"corpus": "embedded", "seq_len": 64, "algo": "ppo"}))
     bundle = load_run(run_dir, device="cpu")
     assert bundle.joint is None and bundle.agent is None
-    assert any("agent.zip" in p for p in bundle.problems) and any("reconstructor/" in p for p in bundle.problems)
+    assert any("policy.safetensors" in p for p in bundle.problems) and any("reconstructor/" in p for p in bundle.problems)
     # the policy cannot be evaluated without an agent: a one-line error; baselines still run on the run's test split
     assert cli_main(main)(["--run", str(run_dir), "--device", "cpu", "--out", str(tmp_path / "e")]) == 2
     argv = ["--run", str(run_dir), "--methods", "stride", "--mask_rates", "0.5", "--max_windows", "3", "--bootstrap", "20"]

@@ -17,10 +17,12 @@
 from __future__ import annotations
 
 import ast
+import contextlib
 import json
 import logging
 import math
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -173,15 +175,25 @@ def _corrupt(run: Path, kind: str) -> None:
     elif kind == "garbage_reference":
         (run / "reference_reconstructor" / "model.safetensors").write_bytes(b"\x00" * 100)
     elif kind == "reference_only":
-        for name in ("agent.zip", "reconstructor", "checkpoints"):
+        for name in ("agent.zip", "policy.safetensors", "policy.json", "reconstructor", "checkpoints"):
             target = run / name
             shutil.rmtree(target) if target.is_dir() else target.unlink()
     elif kind == "unfinished":  # killed before the end: a checkpoint but no final artifacts
-        (run / "agent.zip").unlink()
+        for name in ("agent.zip", "policy.safetensors", "policy.json"):
+            (run / name).unlink()
         shutil.rmtree(run / "reconstructor")
-    elif kind == "truncated_final_agent":
-        data = (run / "agent.zip").read_bytes()
-        (run / "agent.zip").write_bytes(data[: len(data) // 3])
+    elif kind == "truncated_final_policy":
+        data = (run / "policy.safetensors").read_bytes()
+        (run / "policy.safetensors").write_bytes(data[: len(data) // 3])
+    elif kind == "old_version_run":  # written before the safe artifact: the policy only in the pickle agent.zip
+        for folder in (run, run / "checkpoints" / "latest"):
+            for name in ("policy.safetensors", "policy.json"):
+                (folder / name).unlink()
+            state = json.loads((folder / "state.json").read_text())
+            del state["agent_sha256"]
+            (folder / "state.json").write_text(json.dumps(state))
+    elif kind == "swapped_agent":  # another agent.zip put in the checkpoint (e.g. a crafted pickle)
+        (run / "checkpoints" / "latest" / "agent.zip").write_bytes((run / "agent.zip").read_bytes() + b"\0")
     elif kind == "garbage_final_weights":
         (run / "reconstructor" / "model.safetensors").write_bytes(os.urandom(4096))
     else:
@@ -352,7 +364,7 @@ CASES = [
         "eval-unfinished-run",
         "evaluate",
         ("--run", "{runs}/reference_only", "--out", "{out}", "--max_windows", "4"),
-        ("cannot evaluate 'policy'", "no agent.zip", "--resume true"),
+        ("cannot evaluate 'policy'", "no policy.safetensors", "--resume true"),
         damaged="reference_only",
     ),
     # ---- a corrupt checkpoint
@@ -360,10 +372,18 @@ CASES = [
         "resume-truncated-agent",
         "train_ppo",
         (*TRAIN[:-1], "truncated_agent", "--resume", "true"),
-        ("agent.zip' does not load as a ppo agent",),
+        ("agent.zip' is not the file this run wrote",),
         damaged="truncated_agent",
         subprocess=True,
     ),
+    Case(
+        "resume-truncated-agent-trusted",
+        "train_ppo",
+        (*TRAIN[:-1], "truncated_agent", "--resume", "true", "--trust_agent_pickle", "true"),
+        ("agent.zip' does not load as a ppo agent",),
+        damaged="truncated_agent",
+    ),
+    Case("train-distill-save-freq", "train_ppo", (*TRAIN, "--distill_save_freq", "-1"), ("distill_save_freq must be >= 0",)),
     Case(
         "resume-garbage-weights",
         "train_ppo",
@@ -430,7 +450,7 @@ CASES += [
         "compress-partial-run",
         "compress",
         ("--run", "{runs}/partial_run", "{inputs}/short.txt"),
-        ("incomplete: missing agent.zip",),
+        ("incomplete: missing policy.safetensors, policy.json, reconstructor",),
         damaged="partial_run",
     ),
     Case(
@@ -441,11 +461,41 @@ CASES += [
         damaged="unfinished",
     ),
     Case(
-        "compress-truncated-agent",
+        "compress-truncated-policy",
         "compress",
-        ("--run", "{runs}/truncated_final_agent", "{inputs}/short.txt"),
-        ("corrupt or partial",),
-        damaged="truncated_final_agent",
+        ("--run", "{runs}/truncated_final_policy", "{inputs}/short.txt"),
+        ("policy.safetensors' (corrupt or partial?)",),
+        damaged="truncated_final_policy",
+    ),
+    # ---- a run folder that could run code (issue 14): agent.zip is never unpickled to compress or evaluate
+    Case(
+        "compress-old-version-run",
+        "compress",
+        ("--run", "{runs}/old_version_run", "{inputs}/short.txt"),
+        ("has no policy.safetensors and policy.json", "--resume true --trust_agent_pickle true"),
+        damaged="old_version_run",
+    ),
+    Case(
+        "eval-old-version-run",
+        "evaluate",
+        ("--run", "{runs}/old_version_run", "--out", "{out}", "--max_windows", "4"),
+        ("cannot evaluate 'policy'", "has no policy.safetensors", "--trust_agent_pickle true"),
+        damaged="old_version_run",
+    ),
+    Case(
+        "resume-old-version-run",
+        "train_ppo",
+        (*TRAIN[:-1], "old_version_run", "--resume", "true"),
+        ("records no SHA-256 of its agent.zip", "--trust_agent_pickle true"),
+        damaged="old_version_run",
+    ),
+    Case(
+        "resume-swapped-agent",
+        "train_ppo",
+        (*TRAIN[:-1], "swapped_agent", "--resume", "true"),
+        ("is not the file this run wrote", "SHA-256"),
+        damaged="swapped_agent",
+        subprocess=True,
     ),
     Case(
         "compress-garbage-weights",
@@ -837,6 +887,53 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path: Path, tc_home: Path, 
     assert not (run / "agent.zip").exists()  # interrupted runs are continued with --resume, not finished
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGKILL], ids=["sigint", "sigkill"])
+def test_interrupted_distillation_checkpoints_and_resumes(sig: int, tmp_path: Path, tc_home: Path, test_reconstructor_dir: Path) -> None:
+    """Ctrl-C and SIGKILL during distillation behave as during PPO: a checkpoint, and a resume that continues."""
+    run = tmp_path / "debug"
+    latest = run / "checkpoints" / "latest"
+    log = tmp_path / "train.log"
+    save_freq = "0" if sig == signal.SIGINT else "2"  # Ctrl-C: its own checkpoint; SIGKILL: the last periodic one
+    proc = _start_training(tmp_path, tc_home, log, "--total_timesteps", "64", "--distill_steps", "100000", "--distill_save_freq", save_freq)
+    try:
+        if sig == signal.SIGINT:
+            _wait_for(lambda: any((run / "tb" / "distill").rglob("events.out.tfevents.*")), proc, 240, "distillation to start", log)
+            time.sleep(1.0)
+        else:
+            _wait_for(lambda: (latest / "state.json").exists(), proc, 240, "the first distillation checkpoint", log)
+            time.sleep(0.3)
+        proc.send_signal(sig)
+        proc.wait(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    output = log.read_text()
+    if sig == signal.SIGINT:
+        assert proc.returncode == 130, output[-3000:]
+        assert "Traceback" not in output
+        assert "Interrupted: checkpoint saved" in output and "--resume true" in output
+    else:
+        assert proc.returncode == -signal.SIGKILL
+    recover_checkpoint(latest)
+    state = load_checkpoint_state(latest)
+    assert state["phase"] == "distill" and state["num_timesteps"] == 0
+    stopped = int(state["distill_step"])
+    assert 0 < stopped < 100_000
+    assert (latest / "distill_optimizer.pt").exists() and not (run / "agent.zip").exists()
+    Compressor.load(latest, device="cpu")  # the distilled policy is usable from the checkpoint
+
+    args = ["--config", str(DEBUG), "--runs_dir", str(tmp_path), "--total_timesteps", "64", "--resume", "true"]
+    result = _run_module("experiments.train_ppo", [*args, "--distill_steps", str(stopped + 3)], tc_home)
+    assert result.returncode == 0, result.stderr[-3000:]
+    summary = json.loads(result.stdout[result.stdout.index("{") :])
+    assert summary["distillation"]["resumed_from_step"] == stopped
+    assert summary["distillation"]["steps_done"] == stopped + 3  # distillation continued, then PPO ran
+    assert summary["num_timesteps"] >= 64 and not summary["interrupted"]
+    final = json.loads((run / "state.json").read_text())
+    assert "phase" not in final and final["num_timesteps"] == summary["num_timesteps"]
+    Compressor.load(run, device="cpu")
+
+
 def test_resume_after_kill_inside_the_checkpoint_swap(finished_run: Path, tmp_path: Path) -> None:
     """Killed between moving ``latest`` aside and moving the new one in: resume uses the previous checkpoint."""
     runs = tmp_path / "runs"
@@ -894,6 +991,128 @@ def test_safe_loading_source_scan() -> None:
                 if not (isinstance(safetensors, ast.Constant) and safetensors.value is True):
                     problems.append(f"{where}:{node.lineno}: model weights loaded without use_safetensors=True")
     assert not problems, "\n".join(problems)
+
+
+class _Payload:
+    """A pickle that runs code when unpickled: it writes a marker file."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        return exec, (f"open({str(self.marker)!r}, 'w').write('payload ran')",)
+
+
+def _craft_agent_zip(source: Path, target: Path, marker: Path) -> None:
+    """Copy an SB3 ``agent.zip``, replacing its serialized ``policy_class`` with a pickle that runs a payload."""
+    import base64
+    import pickle
+    import zipfile
+
+    with zipfile.ZipFile(source) as zin:
+        members = {name: zin.read(name) for name in zin.namelist()}
+    data = json.loads(members["data"])
+    data["policy_class"][":serialized:"] = base64.b64encode(pickle.dumps(_Payload(marker))).decode()
+    members["data"] = json.dumps(data).encode()
+    with zipfile.ZipFile(target, "w") as zout:
+        for name, blob in members.items():
+            zout.writestr(name, blob)
+
+
+def test_crafted_agent_zip_is_never_unpickled(finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """A run folder whose agent.zip would run code: compress and evaluate never unpickle it, resume refuses it."""
+    from agents.algorithms import get_algorithm
+
+    marker = tmp_path / "payload_ran"
+    run = tmp_path / "runs" / "debug"
+    shutil.copytree(finished_run, run)
+    for folder in (run, run / "checkpoints" / "latest"):
+        _craft_agent_zip(finished_run / "agent.zip", folder / "agent.zip", marker)
+    # The control: unpickling the crafted file does run the payload.
+    with contextlib.suppress(Exception):  # whatever SB3 makes of the payload's return value: it has run by then
+        get_algorithm("ppo").algo_class.load(run / "agent.zip", device="cpu")
+    assert marker.exists()
+    marker.unlink()
+
+    compressor = Compressor.load(run, device="cpu")
+    assert compressor.compress("A short text to compress, safely.", mask_rate=0.5).compressed_tokens > 0
+    assert compress_script.main(["--run", str(run), "--mask_rate", "0.5", str(ROOT / "README.md")]) == 0
+    out = tmp_path / "eval"
+    argv = ["--run", str(run), "--methods", "policy", "--mask_rates", "0.5", "--max_windows", "4", "--bootstrap", "10"]
+    records = evaluate_script.main([*argv, "--device", "cpu", "--out", str(out)])
+    assert {r["method"] for r in records} == {"policy"}
+    code = train_script.main(["--config", str(DEBUG), "--runs_dir", str(run.parent), "--resume", "true", "--total_timesteps", "128"])
+    assert code == 2
+    assert "is not the file this run wrote" in _error_line(capsys.readouterr().err)
+    assert not marker.exists()
+
+
+@pytest.mark.parametrize("algo", ["ppo", "a2c", "trpo", "maskable_ppo", "recurrent_ppo"])
+@pytest.mark.parametrize("observe_surprisal", [False, True])
+def test_policy_artifact_round_trips_to_identical_logits(algo: str, observe_surprisal: bool, tmp_path: Path) -> None:
+    from types import SimpleNamespace
+
+    from agents.algorithms import get_algorithm
+    from agents.artifact import load_policy_artifact, save_policy_artifact
+    from tokencompress_env.env import make_spaces
+
+    obs_space, action_space = make_spaces(32, 8, 300, observe_surprisal)
+    torch.manual_seed(0)
+    kwargs = {"features_extractor_kwargs": {"embed_dim": 16, "dilations": (1, 2)}, "net_arch": {"pi": [8], "vf": [12]}}
+    policy = get_algorithm(algo).policy_class(obs_space, action_space, lambda _: 1e-3, activation_fn=torch.nn.ReLU, **kwargs)
+    with torch.no_grad():  # weights unlike any fresh initialisation
+        for param in policy.parameters():
+            param.add_(torch.randn_like(param))
+    save_policy_artifact(SimpleNamespace(policy=policy), algo, tmp_path)  # type: ignore[arg-type]
+    loaded = load_policy_artifact(tmp_path, "cpu")
+    assert loaded.algo == algo and type(loaded.policy) is type(policy)
+    assert loaded.observation_space == obs_space and loaded.action_space == action_space
+    obs_space.seed(0)
+    batch = {key: np.stack([obs_space[key].sample() for _ in range(5)]) for key in obs_space.spaces}
+    policy.set_training_mode(False)
+    with torch.no_grad():
+        expected = policy.token_mask_logits(batch)
+        got = loaded.policy.token_mask_logits(batch)
+    assert torch.equal(expected, got)
+    for name, tensor in policy.state_dict().items():
+        assert torch.equal(tensor, loaded.policy.state_dict()[name]), name
+
+
+def test_trained_run_artifact_gives_the_agents_logits(finished_run: Path) -> None:
+    """The run's policy.safetensors + policy.json give the same logits as its (trusted) agent.zip."""
+    from agents.algorithms import get_algorithm
+    from agents.artifact import load_policy_artifact
+    from tokencompress_env.compressor import window_mask_logits
+
+    agent = get_algorithm("ppo").algo_class.load(finished_run / "agent.zip", device="cpu")
+    artifact = load_policy_artifact(finished_run, "cpu")
+    rng = np.random.default_rng(1)
+    ids = rng.integers(0, 512, size=(6, 64))
+    valid = np.ones_like(ids, dtype=bool)
+    valid[0, 40:] = False
+    keep = rng.random(ids.shape) < 0.1
+    a = window_mask_logits(agent, ids, valid, keep, 0.4)
+    b = window_mask_logits(artifact, ids, valid, keep, 0.4)
+    assert np.array_equal(a, b)
+
+
+def test_old_version_run_is_converted_with_the_printed_command(
+    finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A run written before the safe artifact: compress says how to write it; that command does, and then it loads."""
+    run = tmp_path / "runs" / "old"
+    shutil.copytree(finished_run, run)
+    _corrupt(run, "old_version_run")
+    with pytest.raises(CheckpointError, match=r"has no policy\.safetensors") as info:
+        Compressor.load(run, device="cpu")
+    command = str(info.value).split("write them with: ")[1]
+    argv = shlex.split(command)
+    assert argv[:3] == ["python", "-m", "experiments.train_ppo"]
+    assert train_script.main([*argv[3:], "--tensorboard", "false"]) == 0, capsys.readouterr().err[-2000:]
+    assert "trust_agent_pickle" not in json.loads((run / "config.json").read_text())  # never inherited
+    compressor = Compressor.load(run, device="cpu")
+    assert compressor.compress("Some text to compress after the conversion.", mask_rate=0.3).compressed_tokens > 0
+    assert json.loads((run / "state.json").read_text())["agent_sha256"]
 
 
 # ---------------------------------------------------------------------------------------------- determinism

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 import torch
 
+from agents.artifact import load_policy_artifact
 from callbacks.joint_training import ReconstructorFinetuneCallback, masks_from_rollout
 from experiments.train_ppo import TrainConfig, train
 from tokencompress_env.reconstructor import resolve_scoring_dtype
@@ -53,9 +54,17 @@ def test_train_ppo_smoke_subprocess(algo, steps, tmp_path, tc_home, test_reconst
     summary = json.loads(result.stdout[result.stdout.index("{") :])
     assert summary["num_timesteps"] >= steps
     run = tmp_path / "debug"
-    for name in ("config.json", "agent.zip", "reconstructor/model.safetensors", "reference_reconstructor/model.safetensors"):
+    for name in (
+        "config.json",
+        "agent.zip",
+        "policy.safetensors",
+        "policy.json",
+        "reconstructor/model.safetensors",
+        "reference_reconstructor/model.safetensors",
+    ):
         assert (run / name).exists(), name
     assert json.loads((run / "config.json").read_text())["algo"] == algo
+    assert load_policy_artifact(run).algo == algo  # every algorithm's policy rebuilds from the safe artifact
 
 
 def test_unknown_config_key_is_rejected_with_suggestion(tmp_path, tc_home):

@@ -119,7 +119,7 @@ def window_mask_logits(
     ``token_mask_logits`` (agents package) gives one logit per position, ``-inf`` at padding and
     force-kept positions. Batched: ``batch_size`` windows per forward pass, under ``torch.inference_mode``.
 
-    :param agent: an SB3 model whose policy has ``token_mask_logits``
+    :param agent: a :class:`agents.artifact.PolicyArtifact` (or an SB3 model) whose policy has ``token_mask_logits``
     :param token_ids: ``[N, seq_len]`` ids (padding id at padding)
     :param valid: ``[N, seq_len]`` real positions
     :param force_keep: ``[N, seq_len]`` force-kept positions
@@ -178,7 +178,7 @@ def agent_logit_fn(agent: Any, reconstructor: Reconstructor, batch_size: int = 6
     The ``force_keep`` observation follows the training environment's rule (special tokens, and digits
     when the run was trained with ``keep_digits``).
 
-    :param agent: an SB3 model whose policy has ``token_mask_logits`` (agents package)
+    :param agent: a :class:`agents.artifact.PolicyArtifact` (or an SB3 model) whose policy has ``token_mask_logits``
     :param reconstructor: the run's reconstructor: its tokenizer defines the special tokens, and its
         surprisal is the policy's ``surprisal`` feature when observed
     :param batch_size: windows per policy forward pass
@@ -325,7 +325,8 @@ class Compressor:
 
     Build it with :meth:`load`. See the module docstring for how texts are compressed.
 
-    :param agent: the trained SB3 model (policy with ``token_mask_logits``)
+    :param agent: the trained policy: an :class:`agents.artifact.PolicyArtifact` (or an SB3 model), whose
+        ``policy`` has ``token_mask_logits`` and whose ``observation_space`` is TokenMask-v0's
     :param reconstructor: the run's jointly trained reconstructor (tokenizer, surprisal, fill-in)
     :param config: the run's ``config.json``
     :param reference_dir: the run's frozen reference reconstructor folder (loaded on first use)
@@ -361,8 +362,10 @@ class Compressor:
     def load(cls, run_dir: str | Path, device: str = "auto", batch_size: int = 16) -> Compressor:
         """Load a run folder written by ``experiments.train_ppo`` (or its ``checkpoints/latest`` folder).
 
-        Needs ``config.json``, ``agent.zip`` and ``reconstructor/`` (the jointly trained reconstructor);
-        ``reference_reconstructor/`` is only needed for ``reconstruct(..., reference=True)``.
+        Needs ``config.json``, ``policy.safetensors`` + ``policy.json`` (the policy, rebuilt without
+        unpickling anything: :mod:`agents.artifact`) and ``reconstructor/`` (the jointly trained
+        reconstructor, safetensors); ``reference_reconstructor/`` is only needed for
+        ``reconstruct(..., reference=True)``. ``agent.zip`` (a pickle) is never read.
 
         :param run_dir: the run folder
         :param device: ``"auto"`` (CUDA, MPS or CPU), ``"cpu"``, ``"cuda"``, ...
@@ -374,11 +377,15 @@ class Compressor:
         root = Path(run_dir).expanduser()
         if not root.is_dir():
             raise CheckpointError(f"run folder '{run_dir}' does not exist: pass a folder written by experiments.train_ppo")
-        missing = [name for name in ("config.json", "agent.zip", "reconstructor") if not (root / name).exists()]
+        artifact = cls._artifact_module()
+        policy_files = (artifact.POLICY_WEIGHTS, artifact.POLICY_SPEC)
+        missing = [name for name in ("config.json", *policy_files, "reconstructor") if not (root / name).exists()]
         if missing:
-            hint = ""
             latest = root / "checkpoints" / "latest"
-            if "agent.zip" in missing and (latest / "agent.zip").exists():
+            if set(missing) <= set(policy_files) and (root / "agent.zip").exists():  # a run of an older version
+                raise CheckpointError(artifact.missing_artifact_message(root))
+            hint = ""
+            if set(policy_files) & set(missing) and artifact.has_policy_artifact(latest):
                 hint = f"; training has not finished, but a checkpoint exists: load '{latest}'"
             raise CheckpointError(f"run folder '{root}' is incomplete: missing {', '.join(missing)}{hint}")
         config = _read_json(root / "config.json")
@@ -387,10 +394,8 @@ class Compressor:
             reconstructor = Reconstructor.from_pretrained(root / "reconstructor", device=dev)
         except ReconstructorLoadError as exc:
             raise CheckpointError(f"the run's reconstructor/ cannot be loaded: {exc}") from None
-        agent = cls._load_agent(root / "agent.zip", str(config.get("algo", "ppo")), dev)
-        space = getattr(agent, "observation_space", None)
-        if space is None or "token_ids" not in getattr(space, "spaces", {}) or not hasattr(agent.policy, "token_mask_logits"):
-            raise CheckpointError(f"'{root / 'agent.zip'}' is not a TokenMask-v0 agent of the agents package")
+        agent = artifact.load_policy_artifact(root, dev)
+        space = agent.observation_space
         seq_len = int(space["token_ids"].shape[0])
         if "seq_len" in config and int(config["seq_len"]) != seq_len:
             raise CheckpointError(f"config.json says seq_len={config['seq_len']} but the agent was trained on {seq_len}-token windows")
@@ -405,29 +410,18 @@ class Compressor:
         return cls(agent, reconstructor, config, reference if reference.is_dir() else None, batch_size)
 
     @staticmethod
-    def _load_agent(path: Path, algo: str, device: torch.device) -> Any:
-        """Load ``agent.zip`` with the algorithm class the run used.
+    def _artifact_module() -> Any:
+        """The agents package's safe policy artifact module (:mod:`agents.artifact`).
 
-        :param path: the file
-        :param algo: the run's algorithm name
-        :param device: where to put the policy
-        :return: the SB3 model
+        :return: the module
         """
         try:
-            from agents.algorithms import get_algorithm
+            from agents import artifact
         except ImportError as exc:
             raise TokenCompressError(
                 f"cannot import the agents package ({exc}): reinstall the project with 'pip install -e .' from its root"
             ) from None
-        try:
-            spec = get_algorithm(algo)
-        except ValueError as exc:
-            raise CheckpointError(f"config.json names an unknown algo: {exc}") from None
-        try:
-            return spec.algo_class.load(str(path), device=str(device))
-        except Exception as exc:  # a bad zip, a pickle error, a shape mismatch: all a broken file
-            first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
-            raise CheckpointError(f"could not load '{path}' (corrupt or partial?): {type(exc).__name__}: {first}") from None
+        return artifact
 
     @property
     def reference(self) -> Reconstructor:

@@ -11,8 +11,10 @@ Sources:
 * ``"embedded"``: English prose that ships with every Python installation, the docstrings of the
   standard library (read with :mod:`ast`, nothing is imported) and the ``pydoc_data.topics`` help
   texts, extracted in a fixed order.
-* a path to a ``.txt`` file or a folder of them (each file is a document; a single file is cut into
-  documents at blank-line-separated headings or every ``doc_chars`` characters).
+* a path to a ``.txt`` file or a folder of them, cut into documents as a reader would
+  (:func:`split_text`): a WikiText top-level heading (a `` = Title = `` line) starts a new document,
+  and a file without such headings is cut at blank lines (whitespace-only lines count as blank) into
+  documents of about ``doc_chars`` characters.
 * ``"hf:NAME[:CONFIG]"`` or a bare hub dataset name such as ``"wikitext"`` with ``dataset_config``:
   loaded with :func:`datasets.load_dataset`; offline this fails with a one-line
   :class:`~tokencompress_env.errors.DataSourceError`.
@@ -25,6 +27,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sysconfig
 from collections.abc import Iterator
@@ -123,34 +126,96 @@ def _read_text_file(path: Path) -> str:
         return text
 
 
-def _split_long_text(doc_id: str, text: str, doc_chars: int) -> list[tuple[str, str]]:
-    """Cut one long text into documents of roughly ``doc_chars`` characters at paragraph breaks.
+#: A WikiText top-level heading line: `` = Title = `` (exactly one ``=`` each side; `` = = Section = = `` is not one).
+_WIKITEXT_TITLE = re.compile(r"= (?!=)\S(?:.*\S)?(?<!=) =")
+#: Documents of a local or hub text are cut by these rules; part of the corpus cache key of such sources.
+DOCUMENT_RULES_VERSION = 2
 
-    :param doc_id: prefix of the produced document ids
-    :param text: the text
-    :param doc_chars: target characters per document
-    :return: the documents
+
+def is_wikitext_title(line: str) -> bool:
+    """Whether a line is a WikiText top-level heading such as `` = Homarus gammarus = ``.
+
+    Section headings (`` = = Description = = ``) and deeper ones are not.
+
+    :param line: one line of text
+    :return: ``True`` for a top-level heading
     """
-    paragraphs = [p for p in text.split("\n\n") if p.strip()]
-    docs: list[tuple[str, str]] = []
-    current: list[str] = []
-    size = 0
-    for paragraph in paragraphs:
-        current.append(paragraph)
-        size += len(paragraph)
-        if size >= doc_chars:
-            docs.append((f"{doc_id}#{len(docs)}", "\n\n".join(current).strip()))
-            current, size = [], 0
-    if current:
-        docs.append((f"{doc_id}#{len(docs)}", "\n\n".join(current).strip()))
-    return docs
+    return _WIKITEXT_TITLE.fullmatch(line.strip()) is not None
+
+
+def _paragraphs(text: str) -> list[tuple[bool, str]]:
+    """Cut a text into paragraphs at blank lines (whitespace-only lines are blank) and top-level headings.
+
+    :param text: the text
+    :return: ``(is_title, paragraph)`` pairs, in order; a WikiText top-level heading is its own paragraph
+    """
+    out: list[tuple[bool, str]] = []
+    lines: list[str] = []
+
+    def flush() -> None:
+        if lines:
+            out.append((False, "\n".join(lines)))
+            lines.clear()
+
+    for line in text.splitlines():
+        if not line.strip():
+            flush()
+        elif is_wikitext_title(line):
+            flush()
+            out.append((True, line.strip()))
+        else:
+            lines.append(line)
+    flush()
+    return out
+
+
+def split_text(doc_id: str, text: str, doc_chars: int) -> list[tuple[str, str]]:
+    """Cut one long text into documents as a reader would.
+
+    Paragraphs are separated by blank lines, and a line holding only whitespace is blank. When the text
+    has WikiText top-level headings (`` = Title = `` lines; `` = = Section = = `` lines are sections of an
+    article, not documents), each heading starts a new document that runs to the next one (an article,
+    whatever its length); text before the first heading is a document of its own, and a heading with
+    no text after it stays with the document before it. A text without such headings is cut at
+    paragraph breaks into documents of about ``doc_chars`` characters.
+
+    :param doc_id: prefix of the produced document ids (``<doc_id>#<index>``)
+    :param text: the text
+    :param doc_chars: target characters per document (texts without headings)
+    :return: the documents, in order
+    """
+    paragraphs = _paragraphs(text)
+    groups: list[list[str]] = []
+    if any(is_title for is_title, _ in paragraphs):
+        has_body = False
+        for is_title, paragraph in paragraphs:
+            if is_title and (not groups or has_body):
+                groups.append([])
+                has_body = False
+            elif not groups:
+                groups.append([])
+            groups[-1].append(paragraph)
+            has_body = has_body or not is_title
+        if len(groups) > 1 and not has_body:  # a last heading with no text after it
+            groups[-2].extend(groups.pop())
+    else:
+        size = doc_chars
+        for _, paragraph in paragraphs:
+            if size >= doc_chars:
+                groups.append([])
+                size = 0
+            groups[-1].append(paragraph)
+            size += len(paragraph)
+    docs = ["\n\n".join(group).strip() for group in groups]
+    return [(f"{doc_id}#{i}", doc) for i, doc in enumerate(d for d in docs if d)]
 
 
 def local_documents(path: str | Path, doc_chars: int = 20_000) -> list[tuple[str, str]]:
     """Read a local ``.txt`` file or every ``.txt``/``.md`` file below a folder as documents.
 
-    A file is cut into documents of about ``doc_chars`` characters at paragraph breaks, so that a
-    single large file (such as WikiText) still gives many documents to split by.
+    Each file is cut into documents by :func:`split_text` (WikiText articles at their top-level
+    headings; otherwise about ``doc_chars`` characters at blank lines), so that a single large file
+    still gives many documents to split by.
 
     :param path: a file or a folder
     :param doc_chars: target characters per document
@@ -163,7 +228,7 @@ def local_documents(path: str | Path, doc_chars: int = 20_000) -> list[tuple[str
     docs: list[tuple[str, str]] = []
     for file in files:
         doc_id = str(file.relative_to(root)) if root.is_dir() else file.name
-        docs.extend(_split_long_text(doc_id, _read_text_file(file), doc_chars))
+        docs.extend(split_text(doc_id, _read_text_file(file), doc_chars))
     if not any(text.strip() for _, text in docs):
         raise DataSourceError(f"data path '{path}' holds no text: give a non-empty .txt file or folder")
     return docs
@@ -195,7 +260,7 @@ def hub_documents(name: str, config: str | None = None, split: str = "train", do
     table = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
     if "text" not in table.column_names:
         raise DataSourceError(f"dataset '{name}' has no 'text' column (columns: {table.column_names})")
-    return _split_long_text(f"{name}:{split}", "\n\n".join(t for t in table["text"] if t and t.strip()), doc_chars)
+    return split_text(f"{name}:{split}", "\n\n".join(t for t in table["text"] if t and t.strip()), doc_chars)
 
 
 def load_documents(source: str = EMBEDDED, dataset_config: str | None = None, doc_chars: int = 20_000) -> datasets.Dataset:
@@ -268,6 +333,15 @@ def split_documents(
     )
 
 
+def _empty_windows() -> datasets.Dataset:
+    """A split without windows, with the columns and types of :func:`make_windows`'s output.
+
+    :return: an empty dataset
+    """
+    features = {"doc_id": datasets.Value("string"), "input_ids": datasets.Sequence(datasets.Value("int64"))}
+    return datasets.Dataset.from_dict({"doc_id": [], "input_ids": []}, features=datasets.Features(features))
+
+
 def make_windows(
     documents: datasets.Dataset,
     tokenizer: PreTrainedTokenizerBase,
@@ -305,8 +379,7 @@ def make_windows(
         desc=f"Cutting {seq_len}-token windows",
     )
     if len(windows) == 0:  # every document shorter than one window: datasets keeps the input columns then
-        empty = {"doc_id": datasets.Value("string"), "input_ids": datasets.Sequence(datasets.Value("int64"))}
-        windows = datasets.Dataset.from_dict({"doc_id": [], "input_ids": []}, features=datasets.Features(empty))
+        windows = _empty_windows()
     windows = windows.cast_column("input_ids", datasets.Sequence(datasets.Value("int64")))
     if max_windows is not None and len(windows) > max_windows:
         windows = windows.select(range(max_windows))
@@ -341,7 +414,10 @@ class CorpusSpec:
 
         :return: 16 hex digits
         """
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        facts: dict[str, Any] = asdict(self)
+        if self.source != EMBEDDED:  # documents of other sources are cut by rules that have changed
+            facts["document_rules"] = DOCUMENT_RULES_VERSION
+        return hashlib.sha256(json.dumps(facts, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def tokenizer_id(tokenizer: PreTrainedTokenizerBase) -> str:
@@ -376,9 +452,9 @@ def prepare_corpus(
     folder = Path(cache_dir) if cache_dir else cache_root() / "corpora"
     target = folder / spec.key()
     if (target / "dataset_dict.json").exists():
-        loaded = datasets.load_from_disk(str(target))
-        assert isinstance(loaded, datasets.DatasetDict)
-        return datasets.DatasetDict({k: v.with_format("numpy", columns=["input_ids"], output_all_columns=True) for k, v in loaded.items()})
+        cached = _load_cached_windows(target)
+        if cached is not None:
+            return cached
     if documents is None:
         documents = split_documents(
             load_documents(spec.source, spec.dataset_config), spec.val_fraction, spec.test_fraction, spec.split_seed
@@ -391,13 +467,39 @@ def prepare_corpus(
             f"corpus '{spec.source}' is shorter than one {spec.seq_len}-token window: give more text or a shorter window length"
         )
     tmp = folder / f".{spec.key()}.tmp-{os.getpid()}"
-    windows.save_to_disk(str(tmp))
-    (tmp / "spec.json").write_text(json.dumps(asdict(spec), indent=2))
+    # datasets cannot read back a split saved without rows: only splits with windows are saved, and
+    # spec.json lists all splits, so the empty ones are recreated on loading.
+    datasets.DatasetDict({k: v for k, v in windows.items() if len(v)}).save_to_disk(str(tmp))
+    (tmp / "spec.json").write_text(json.dumps({**asdict(spec), "splits": list(windows)}, indent=2))
     if target.exists():  # another process prepared the same corpus meanwhile
         shutil.rmtree(tmp, ignore_errors=True)
     else:
         os.replace(tmp, target)
     return windows
+
+
+def _load_cached_windows(target: Path) -> datasets.DatasetDict | None:
+    """Read a corpus cache folder written by :func:`prepare_corpus`; an unreadable one is removed.
+
+    :param target: the cache folder
+    :return: the windows of every split, or ``None`` when the cache is unreadable (it is then rebuilt)
+    """
+    try:
+        loaded = datasets.load_from_disk(str(target))
+        splits = json.loads((target / "spec.json").read_text()).get("splits", list(loaded))
+        assert isinstance(loaded, datasets.DatasetDict)
+    except Exception as exc:  # e.g. a cache of an older version with an empty split (IndexError in datasets)
+        _LOG.warning("warning: the corpus cache '%s' is unreadable (%s); rebuilding it", target, type(exc).__name__)
+        shutil.rmtree(target, ignore_errors=True)
+        return None
+    return datasets.DatasetDict(
+        {
+            split: (loaded[split] if split in loaded else _empty_windows()).with_format(
+                "numpy", columns=["input_ids"], output_all_columns=True
+            )
+            for split in splits
+        }
+    )
 
 
 def count_tokens(windows: datasets.DatasetDict) -> dict[str, int]:

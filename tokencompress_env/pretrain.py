@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from tokencompress_env.data import EMBEDDED, CorpusSpec, count_tokens, load_documents, prepare_corpus, split_documents, window_array
+from tokencompress_env.errors import DataSourceError
 from tokencompress_env.reconstructor import Reconstructor, default_reconstructor_dir
 from tokencompress_env.tokenizer import train_bpe_tokenizer
 
@@ -185,7 +186,7 @@ def pretrain(
 
     :param reconstructor: the reconstructor to train
     :param train_windows: ``[N, L]`` training windows
-    :param val_windows: ``[M, L]`` validation windows
+    :param val_windows: ``[M, L]`` validation windows (held-out documents; at least one)
     :param config: hyper-parameters
     :param checkpoint_dir: folder for the resumable checkpoint (``None``: no checkpoints)
     :param tensorboard_dir: folder for TensorBoard events (``None``: none)
@@ -194,6 +195,8 @@ def pretrain(
     """
     if len(train_windows) == 0:
         raise ValueError("no training windows: the corpus is smaller than one window")
+    if len(val_windows) == 0:  # never report training windows as validation
+        raise ValueError("no validation windows: validation bits must come from held-out documents")
     model = reconstructor.model
     optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     start_step = 0
@@ -209,7 +212,7 @@ def pretrain(
 
         writer = SummaryWriter(str(tensorboard_dir))
     generator = torch.Generator().manual_seed(config.seed + start_step)
-    eval_windows = val_windows[: config.eval_windows] if len(val_windows) else train_windows[: config.eval_windows]
+    eval_windows = val_windows[: config.eval_windows]
     started = time.perf_counter()
     tokens = 0
     bar = tqdm(total=config.steps, initial=start_step, desc="Pretraining reconstructor", disable=not progress, unit="step")
@@ -324,6 +327,13 @@ def build_reconstructor(
     spec = CorpusSpec(source=config.source, seq_len=config.seq_len)
     windows = prepare_corpus(spec, reconstructor.tokenizer, documents=documents)
     train, val = window_array(windows["train"]), window_array(windows["validation"])
+    if len(train) and not len(val):
+        held_out = len(documents["validation"])
+        raise DataSourceError(
+            f"the validation split of corpus '{config.source}' has no {config.seq_len}-token window "
+            f"({held_out} of {sum(len(d) for d in documents.values())} documents held out, all shorter): "
+            "give more text (more documents) or a shorter --seq_len"
+        )
     report = pretrain(reconstructor, train, val, config.pretrain, checkpoint_dir=ckpt, tensorboard_dir=tensorboard_dir, progress=progress)
     report.update(
         {
