@@ -53,7 +53,7 @@ class QuickstartConfig:
     train_config: str = str(ROOT / "configs" / "dev" / "small_scale.json")
     mask_rates: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
     max_windows: int = 128
-    methods: list[str] = field(default_factory=lambda: ["policy", *[m for m in BASELINE_NAMES if m != "greedy_oracle"]])
+    methods: list[str] = field(default_factory=lambda: ["policy", *[m for m in BASELINE_NAMES if m != "greedy_threshold"]])
     data: str | None = None
     device: str = "auto"
     progress_bar: bool = True
