@@ -112,7 +112,7 @@ def quickstart(config: QuickstartConfig) -> dict[str, Any]:
         out = run_dir / "eval" / name
         run_evaluation(
             EvaluateConfig(
-                run=str(run_dir),
+                run=[str(run_dir)],
                 data=data,
                 mask_rates=list(config.mask_rates),
                 methods=list(config.methods),
