@@ -379,6 +379,10 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
             f"pass --seq_len {reference.max_seq_len} or less"
         )
 
+    downstream = None
+    if config.continuation_tokens > 0 and config.downstream_lm:  # loaded first: a wrong name fails fast
+        downstream = Reconstructor.from_pretrained(config.downstream_lm, device=config.device)
+
     if config.data:
         all_windows, all_docs = file_windows_with_docs(config.data, reference, seq_len)
         data_name = config.data
@@ -396,9 +400,8 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
     reader = None
     downstream_name = ""
     if config.continuation_tokens > 0:
-        if config.downstream_lm:
-            downstream = Reconstructor.from_pretrained(config.downstream_lm, device=config.device)
-            downstream_name = config.downstream_lm
+        if downstream is not None:
+            downstream_name = str(config.downstream_lm)
         else:
             downstream = reference
             downstream_name = (

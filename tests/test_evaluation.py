@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from experiments.config import cli_main
-from experiments.evaluate import file_windows, load_run, main, spread
+from experiments.evaluate import EvaluateConfig, file_windows, load_run, main, spread
 from tokencompress_env.baselines import BASELINES, MethodContext, token_frequencies
 from tokencompress_env.data import window_continuations
 from tokencompress_env.errors import InputError
@@ -174,6 +174,14 @@ def test_cli_user_errors(capsys: pytest.CaptureFixture[str], test_reconstructor_
     assert "needs a trained run" in capsys.readouterr().err
     assert run(["--run", "/nonexistent/run", "--methods", "random"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert run(["--reconstructor", str(test_reconstructor_dir), "--methods", "stride", "--max_windows", "2", "--seq_len", "64",
+                "--downstream_lm", "/nonexistent/lm", "--device", "cpu"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == "error: reconstructor directory '/nonexistent/lm' does not exist" and "Traceback" not in err
+    old_name = EvaluateConfig(methods=["greedy_oracle"], reconstructor="tiny")
+    with pytest.warns(DeprecationWarning, match="greedy_threshold"):
+        old_name.validate()
+    assert old_name.method_names() == ["greedy_threshold"]
 
 
 def test_load_run_is_defensive(tmp_path: Path, test_reconstructor_dir: Path, tc_home: Path, test_windows: dict) -> None:
