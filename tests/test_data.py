@@ -126,3 +126,17 @@ def test_prepare_corpus_caches_and_no_test_window_in_train(test_reconstructor, t
     assert train_docs.isdisjoint(set(first["validation"]["doc_id"]))
     tokens = count_tokens(first)
     assert tokens["train"] > 10 * tokens["test"] > 0
+
+
+def test_a_file_is_cut_into_documents_at_blank_lines_holding_spaces(tmp_path) -> None:
+    from tokencompress_env.data import local_documents
+
+    paragraph = " A sentence of the article , with words . " * 20
+    file = tmp_path / "wiki.txt"
+    file.write_text(" \n = Title = \n \n" + " \n \n".join([paragraph] * 30) + " \n")  # WikiText's layout
+    docs = local_documents(file, doc_chars=2000)
+    assert len(docs) == 10  # 3 paragraphs of 840 characters reach 2,000 (the first one with its heading)
+    assert docs[0][1].startswith("= Title =") and all(text.count("A sentence") == 60 for _, text in docs)
+    plain = tmp_path / "plain.txt"
+    plain.write_text("\n\n".join([paragraph] * 30))
+    assert len(local_documents(plain, doc_chars=2000)) == 10  # the same cut as plain blank lines

@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sysconfig
 from collections.abc import Iterator
@@ -123,6 +124,10 @@ def _read_text_file(path: Path) -> str:
         return text
 
 
+#: A paragraph break: two newlines with nothing but spaces or tabs between them.
+_BLANK_LINE = re.compile(r"\n[ \t]*\n")
+
+
 def _split_long_text(doc_id: str, text: str, doc_chars: int) -> list[tuple[str, str]]:
     """Cut one long text into documents of roughly ``doc_chars`` characters at paragraph breaks.
 
@@ -131,7 +136,8 @@ def _split_long_text(doc_id: str, text: str, doc_chars: int) -> list[tuple[str, 
     :param doc_chars: target characters per document
     :return: the documents
     """
-    paragraphs = [p for p in text.split("\n\n") if p.strip()]
+    # a blank line may hold spaces (WikiText separates its paragraphs with " " lines)
+    paragraphs = [p for p in _BLANK_LINE.split(text) if p.strip()]
     docs: list[tuple[str, str]] = []
     current: list[str] = []
     size = 0

@@ -352,11 +352,11 @@ def bootstrap_intervals(
     :param level: coverage of the interval
     :param groups: ``[N]`` document number of each window (:func:`group_numbers`); ``None``: windows
     :param metrics: which metrics
-    :return: metric name -> ``(low, high)`` (NaN where undefined)
+    :return: metric name -> ``(low, high)`` (NaN where undefined, or with fewer than two units)
     """
     units = stats if groups is None else stats.grouped(groups)
     n = len(units.valid)
-    if n == 0 or n_boot <= 0:
+    if n < 2 or n_boot <= 0:  # one document alone says nothing about the spread
         return {k: (math.nan, math.nan) for k in metrics}
     replicates = units.ratios(_resamples(n, n_boot, seed))
     return {k: _percentiles(np.asarray(replicates[k]), level) for k in metrics}
@@ -390,7 +390,7 @@ def paired_difference(
     point = float(np.asarray(a.ratios()[metric])) - float(np.asarray(b.ratios()[metric]))
     ua, ub = (a, b) if groups is None else (a.grouped(groups), b.grouped(groups))
     n = len(ua.valid)
-    if n == 0 or n_boot <= 0:
+    if n < 2 or n_boot <= 0:
         return point, math.nan, math.nan
     index = _resamples(n, n_boot, seed)
     diff = np.asarray(ua.ratios(index)[metric]) - np.asarray(ub.ratios(index)[metric])
@@ -965,7 +965,7 @@ def verdict_lines(records: Sequence[Mapping[str, Any]], reconstructor: str = "re
         diff = best.get("policy_minus_method_bits_per_masked_token")
         lo, hi = best.get("policy_minus_method_bits_per_masked_token_ci95") or [None, None]
         if diff is None or lo is None or hi is None:
-            verdict = "no interval"
+            verdict = f"no interval ({best.get('documents', '?')} document(s))"
         elif hi < 0:
             verdict = "interval excludes 0: the policy is better"
         elif lo > 0:
