@@ -42,7 +42,7 @@ class QuickstartConfig:
     :param train_config: JSON config of the training stage
     :param mask_rates: requested mask rates of the evaluation
     :param max_windows: held-out windows evaluated per data set
-    :param methods: methods evaluated (the greedy oracle is left out by default: minutes on a CPU)
+    :param methods: methods evaluated (``greedy_threshold`` is left out by default: minutes on a CPU)
     :param data: an extra plain-text file to evaluate on (e.g. ``../shared/data/wikitext2-valid.txt``)
     :param device: ``auto``, ``cpu``, ``cuda`` or ``mps``
     :param progress_bar: show progress bars

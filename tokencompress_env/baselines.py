@@ -40,10 +40,12 @@ One more method, ``search`` (:func:`greedy_search_masks`, :data:`SEARCH`), is a 
 baseline: greedy deletion under the scoring reconstructor with the window re-scored in full after every
 drop. At each step every remaining maskable position of a window is tried as the next drop, all
 candidates are scored in batched forward passes (the total bits of the dropped tokens given the
-compressed window, :meth:`Reconstructor.score`), and the cheapest is kept, until the budget is met. It
-costs about ``m * k`` window forwards for ``k`` drops among ``m`` maskable tokens, so the evaluation runs
-it on a subset of windows. Several rates are searched *nested*: the masks at a higher rate continue from
-those at the lower one, so all rates cost as much as the highest alone.
+compressed window, :meth:`Reconstructor.score`), and the cheapest is kept, until the budget is met.
+Greedy is not optimal, so the optimum costs at most what it finds (an upper bound on the best distortion,
+found by a much stronger search than any method's one pass). It costs about ``m * k`` window forwards
+for ``k`` drops among ``m`` maskable tokens, so the evaluation runs it on a subset of windows. Several
+rates are searched *nested*: the masks at a higher rate continue from those at the lower one (greedy
+passes through them anyway), so all rates cost as much as the highest alone.
 
 Every reconstructor evaluation goes through :meth:`Reconstructor.score_chunk` or
 :meth:`Reconstructor.surprisal`; nothing here re-implements scoring.
