@@ -352,6 +352,10 @@ def test_search_bound_row_and_policy_ratio(
         assert r["policy_bits_per_masked_token_same_windows"] >= r["bits_per_masked_token"] - 1e-6  # the bound is lower
         assert r["policy_to_search_ratio"] == pytest.approx(r["policy_bits_per_masked_token_same_windows"] / r["bits_per_masked_token"])
         assert r["mask_seconds"] == search[0.25]["mask_seconds"]  # nested: one search for both rates
+        random_there = test_reconstructor.score(ids[[0, 2]], BASELINES["random"](ids, rate, context)[[0, 2]])
+        random_bits = float(random_there.masked_bits.sum() / random_there.mask.sum())
+        assert r["best_baseline_same_windows"] == "random"
+        assert r["best_baseline_bits_per_masked_token_same_windows"] == pytest.approx(random_bits, rel=1e-5)
     png = plot_rate_distortion(records, tmp_path / "p.png")
     assert png.read_bytes()[:8] == PNG_MAGIC
     assert "search (bound)" in results_markdown(records) and "Search bound on 2 windows" in results_markdown(records)

@@ -42,7 +42,9 @@ sampling of documents for these trained seeds; the spread across seeds is report
 
 **The search bound** (method ``search``, :func:`~tokencompress_env.baselines.greedy_search_masks`) runs on a
 subset of the windows; its records carry ``policy_bits_per_masked_token_same_windows`` and
-``policy_to_search_ratio`` on that subset, and ``mask_seconds``, the search's cost for all rates together.
+``policy_to_search_ratio`` on that subset, the best baseline there (``best_baseline_same_windows``,
+``best_baseline_bits_per_masked_token_same_windows``), and ``mask_seconds``, the search's cost for all
+rates together.
 
 Writers: :func:`write_results_json` (``results.json``, a list of records), :func:`write_results_markdown`
 (``results.md``, opening with one verdict line per rate) and :func:`plot_rate_distortion`
@@ -752,18 +754,32 @@ def _records_of_run(items: Sequence[MethodRate], groups_all: np.ndarray, n_boot:
     :param seed: seed of the bootstrap
     :return: one record per (method, rate, reconstructor)
     """
-    policy = {(it.rate, rec): (it.window_index, s) for it in items if it.method == POLICY for rec, s in it.stats.items()}
+
+    def on_windows(other: MethodRate, rec_name: str, windows: np.ndarray) -> WindowStats | None:
+        """``other``'s stats restricted to ``windows`` (``None`` when it did not score them all)."""
+        position = {int(w): j for j, w in enumerate(other.window_index)}
+        if rec_name not in other.stats or not all(int(w) in position for w in windows):
+            return None
+        return other.stats[rec_name].subset(np.array([position[int(w)] for w in windows], dtype=np.int64))
+
+    policy = {it.rate: it for it in items if it.method == POLICY}
     records = []
     for item in items:
         groups = groups_all[item.window_index]
         for rec_name, stats in item.stats.items():
-            paired = None
-            if (item.rate, rec_name) in policy:
-                p_index, p_stats = policy[(item.rate, rec_name)]
-                position = {int(w): j for j, w in enumerate(p_index)}
-                if all(int(w) in position for w in item.window_index):
-                    paired = p_stats.subset(np.array([position[int(w)] for w in item.window_index], dtype=np.int64))
-            records.append(_record(item, rec_name, stats, paired, groups, n_boot, seed))
+            paired = on_windows(policy[item.rate], rec_name, item.window_index) if item.rate in policy else None
+            record = _record(item, rec_name, stats, paired, groups, n_boot, seed)
+            if item.method == SEARCH:  # the best baseline on the search's windows, for a like-for-like reading
+                best: tuple[float, str] | None = None
+                for other in items:
+                    if other.rate == item.rate and other.method not in (POLICY, SEARCH):
+                        sub = on_windows(other, rec_name, item.window_index)
+                        bits = float(np.asarray(sub.ratios()["bits_per_masked_token"])) if sub is not None else math.nan
+                        if math.isfinite(bits) and (best is None or bits < best[0]):
+                            best = (bits, other.method)
+                record["best_baseline_same_windows"] = best[1] if best else None
+                record["best_baseline_bits_per_masked_token_same_windows"] = best[0] if best else None
+            records.append(record)
     return records
 
 
@@ -979,9 +995,15 @@ def verdict_lines(records: Sequence[Mapping[str, Any]], reconstructor: str = "re
         )
         search = next((r for r in at if r["method"] == SEARCH), None)
         if search is not None and search.get("policy_to_search_ratio") is not None:
+            best_there = search.get("best_baseline_same_windows")
             line += (
                 f" Search bound on {search['windows']} windows: {_fmt(search['bits_per_masked_token'])} bits "
-                f"(policy {_fmt(search['policy_bits_per_masked_token_same_windows'])} there, ratio {search['policy_to_search_ratio']:.2f})."
+                f"(policy {_fmt(search['policy_bits_per_masked_token_same_windows'])} there, ratio {search['policy_to_search_ratio']:.2f}"
+                + (
+                    f"; best baseline there `{best_there}` {_fmt(search['best_baseline_bits_per_masked_token_same_windows'])})."
+                    if best_there
+                    else ")."
+                )
             )
         lines.append(line)
     return lines
