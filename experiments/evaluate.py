@@ -110,7 +110,8 @@ class EvaluateConfig:
     :param continuation_tokens: tokens after each window scored by the downstream LM (0: no downstream reading)
     :param downstream_lm: the downstream causal LM: a local directory or hub name (default: the run's reference
         reconstructor read as a plain causal LM; in baselines-only mode, the given reconstructor)
-    :param search_windows: windows the ``search`` bound runs on (spread over the evaluated ones)
+    :param search_windows: windows the ``search`` bound runs on (spread over the evaluated ones); about
+        ``m * k`` window forward passes each (minutes per 128-token window on a CPU)
     """
 
     run: list[str] | None = None
