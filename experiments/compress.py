@@ -5,6 +5,7 @@ Examples::
     python -m experiments.compress --run runs/quickstart --mask_rate 0.4 notes.txt
     cat notes.txt | python -m experiments.compress --run runs/quickstart --target_tokens 200 --json
     python -m experiments.compress --run runs/quickstart --mask-rate 0.6 --reconstruct --force_keep "Python" -- notes.txt
+    python -m experiments.compress --run runs/quickstart --mask_rate 0.4 --placeholder "…" notes.txt   # mark each dropped run
 
 The input is a UTF-8 file (undecodable bytes are replaced, not fatal) or, with no file or ``-``, standard
 input. ``--json`` prints the result's fields (text, ids, kept mask, token counts, requested and achieved
@@ -49,6 +50,9 @@ def build_parser() -> argparse.ArgumentParser:
     group.add_argument("--target_tokens", "--target-tokens", type=int, default=None, help="tokens to keep instead of a mask rate")
     parser.add_argument("--force_keep", "--force-keep", nargs="+", default=[], metavar="STRING", help="strings kept verbatim")
     parser.add_argument("--keep_digits", "--keep-digits", action="store_true", default=None, help="keep every token with a digit")
+    parser.add_argument(
+        "--placeholder", default=None, metavar="STRING", help="mark each run of dropped tokens with STRING in the output (e.g. '…')"
+    )
     parser.add_argument("--json", action="store_true", help="print the result fields as JSON")
     parser.add_argument("--reconstruct", action="store_true", help="also print the reconstructor's fill-in")
     parser.add_argument("--reference", action="store_true", help="reconstruct with the frozen reference reconstructor")
@@ -92,7 +96,12 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     compressor = Compressor.load(args.run, device=args.device)
     result = compressor.compress(
-        text, mask_rate=args.mask_rate, target_tokens=args.target_tokens, force_keep=args.force_keep, keep_digits=args.keep_digits
+        text,
+        mask_rate=args.mask_rate,
+        target_tokens=args.target_tokens,
+        force_keep=args.force_keep,
+        keep_digits=args.keep_digits,
+        placeholder=args.placeholder,
     )
     assert not isinstance(result, list)
     reconstruction = compressor.reconstruct(result, reference=args.reference) if args.reconstruct else None

@@ -2,6 +2,9 @@
 
 Examples::
 
+    # choices are made on the validation split; the test split is reported once per final configuration
+    python -m experiments.evaluate --run runs/seed0 runs/seed1 runs/seed2 --split validation --out eval_val
+    python -m experiments.evaluate --run runs/seed0 runs/seed1 runs/seed2 --split test --methods policy frequency search --out eval_test
     # a trained run: policy + all baselines on the run's held-out test split
     python -m experiments.evaluate --run runs/quickstart --out runs/quickstart/eval
     python -m experiments.evaluate --run runs/quickstart --data ../shared/data/wikitext2-valid.txt --out eval_wikitext
@@ -14,6 +17,14 @@ Every method drops exactly ``round(rate * n)`` tokens of each window at every re
 primary table) and, for a run, by the jointly trained ``joint`` one. Writes ``results.json``,
 ``results.md``, ``rate_distortion.png`` and the resolved ``eval_config.json`` to ``--out``.
 
+Several ``--run`` folders (seeds of one configuration) are evaluated on the same windows; the records
+hold each run's figures and the pooled ones (see :mod:`tokencompress_env.evaluation`). Every interval is
+a bootstrap over the documents the windows come from. A downstream LM (``--downstream_lm``, default: the
+first run's reference reconstructor read as a plain causal LM) scores the ``--continuation_tokens``
+tokens after each window given the full, compressed (deleted / placeholders) and empty window. The
+``search`` reference (greedy deletion with full re-scoring) is slow: it runs only when named in
+``--methods``, on ``--search_windows`` windows spread over the evaluated ones.
+
 A run folder (written by ``experiments.train_ppo``) holds ``config.json``, ``reference_reconstructor/``,
 ``reconstructor/`` and ``policy.safetensors`` + ``policy.json``; :func:`load_run` reads it (never the
 pickle ``agent.zip``) and reports what is missing. The policy
@@ -23,6 +34,7 @@ agents package's ``token_mask_logits``) are ranked under the same budget as ever
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shlex
 import sys
@@ -39,16 +51,37 @@ from experiments.config import cli_main, parse_config
 from tokencompress_env.baselines import (
     BASELINE_NAMES,
     BASELINES,
+    DEPRECATED_NAMES,
     POLICY,
+    SEARCH,
     MaskMethod,
     MethodContext,
+    canonical_method_name,
     policy_method,
     token_frequencies,
 )
 from tokencompress_env.compressor import agent_logit_fn, agent_sequential_method
-from tokencompress_env.data import EMBEDDED, CorpusSpec, local_documents, make_windows, prepare_corpus, window_array
+from tokencompress_env.data import (
+    EMBEDDED,
+    CorpusSpec,
+    local_documents,
+    make_windows,
+    prepare_corpus,
+    window_array,
+    window_continuations,
+    window_doc_ids,
+)
 from tokencompress_env.errors import CheckpointError, ConfigError, InputError, ReconstructorLoadError
-from tokencompress_env.evaluation import METHOD_NAMES, evaluate, plot_rate_distortion, write_results_json, write_results_markdown
+from tokencompress_env.evaluation import (
+    METHOD_NAMES,
+    DownstreamReader,
+    MethodRate,
+    build_records,
+    compute_method_stats,
+    plot_rate_distortion,
+    write_results_json,
+    write_results_markdown,
+)
 from tokencompress_env.reconstructor import BUILD_INFO, Reconstructor
 
 
@@ -56,13 +89,16 @@ from tokencompress_env.reconstructor import BUILD_INFO, Reconstructor
 class EvaluateConfig:
     """Options of ``experiments.evaluate`` (every key may be set in the JSON config or on the command line).
 
-    :param run: a trained run folder (policy, reference and joint reconstructors, its corpus)
+    :param run: one or several trained run folders of one configuration (e.g. three seeds): policy,
+        reference and joint reconstructors, corpus; several are evaluated on the same windows and pooled
     :param reconstructor: baselines-only mode without a run: a reconstructor directory or preset (``tiny``)
     :param data: a plain text file (or folder of them) to evaluate on; default: the held-out split of the
         run's corpus, or of the reconstructor's training corpus
-    :param split: held-out split used when ``data`` is not given (``test`` or ``validation``)
+    :param split: held-out split used when ``data`` is not given: ``validation`` for every choice
+        (configs, steps, rates), ``test`` only to report a final configuration
     :param mask_rates: requested mask rates
-    :param methods: methods to evaluate (default: all; ``policy`` needs ``run``)
+    :param methods: methods to evaluate (default: all but ``search``; ``policy`` needs ``run``; ``search`` is the
+        slow bound and runs only when named)
     :param max_windows: windows evaluated, evenly spread over the data (``None``: all)
     :param seq_len: tokens per window (default: the run's, or the reconstructor's training window)
     :param out: output folder
@@ -72,15 +108,20 @@ class EvaluateConfig:
     :param segment_len: segment length of ``iterative_self_information``
     :param device: ``auto``, ``cpu``, ``cuda`` or ``mps``
     :param title: title of the table and plot (default: the data's name)
+    :param continuation_tokens: tokens after each window scored by the downstream LM (0: no downstream reading)
+    :param downstream_lm: the downstream causal LM: a local directory or hub name (default: the run's reference
+        reconstructor read as a plain causal LM; in baselines-only mode, the given reconstructor)
+    :param search_windows: windows the ``search`` bound runs on (spread over the evaluated ones); about
+        ``m * k`` window forward passes each (minutes per 128-token window on a CPU)
     """
 
-    run: str | None = None
+    run: list[str] | None = None
     reconstructor: str | None = None
     data: str | None = None
     split: str = "test"
     mask_rates: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
     methods: list[str] | None = None
-    max_windows: int | None = 256
+    max_windows: int | None = 128
     seq_len: int | None = None
     out: str = "eval"
     seed: int = 0
@@ -89,9 +130,16 @@ class EvaluateConfig:
     segment_len: int = 16
     device: str = "auto"
     title: str = ""
+    continuation_tokens: int = 32
+    downstream_lm: str | None = None
+    search_windows: int = 32
 
     def validate(self) -> None:
         """Reject inconsistent values with a message that says what to change."""
+        if isinstance(self.run, str):  # a single folder given programmatically
+            self.run = [self.run]
+        if self.methods is not None:
+            self.methods = [canonical_method_name(m) if m in DEPRECATED_NAMES else m for m in self.methods]
         if self.run and self.reconstructor:
             raise ConfigError("give either --run (a trained run) or --reconstructor (baselines only), not both")
         bad = [r for r in self.mask_rates if not 0.0 <= r <= 1.0]
@@ -110,13 +158,17 @@ class EvaluateConfig:
                 raise ConfigError(f"{key} must be positive, got {value}")
         if self.bootstrap < 0 or self.batch_size <= 0 or self.segment_len <= 0:
             raise ConfigError("bootstrap must be >= 0, batch_size and segment_len > 0")
+        if self.continuation_tokens < 0 or self.search_windows <= 0:
+            raise ConfigError("continuation_tokens must be >= 0 and search_windows > 0")
+        if self.run is not None and len(set(self.run)) != len(self.run):
+            raise ConfigError(f"--run lists a folder twice: {self.run}")
 
     def method_names(self) -> list[str]:
         """The methods to run, in report order.
 
         :return: names
         """
-        names = list(self.methods) if self.methods else ([POLICY] if self.run else []) + list(BASELINE_NAMES)
+        names = list(self.methods) if self.methods else ([POLICY] if self.run else []) + list(BASELINE_NAMES)  # search only when named
         return list(dict.fromkeys(names))
 
 
@@ -206,6 +258,18 @@ def build_info(reconstructor_dir: Path | None) -> dict[str, Any]:
     return info if isinstance(info, dict) else {}
 
 
+def spread_index(n: int, max_windows: int | None) -> np.ndarray:
+    """Indices of at most ``max_windows`` of ``n`` windows, evenly spread (deterministic).
+
+    :param n: windows
+    :param max_windows: cap (``None``: all)
+    :return: sorted indices
+    """
+    if max_windows is None or n <= max_windows:
+        return np.arange(n)
+    return np.linspace(0, n - 1, max_windows).round().astype(int)
+
+
 def spread(windows: np.ndarray, max_windows: int | None) -> np.ndarray:
     """Keep at most ``max_windows`` windows, evenly spread over the data (deterministic).
 
@@ -213,9 +277,27 @@ def spread(windows: np.ndarray, max_windows: int | None) -> np.ndarray:
     :param max_windows: cap (``None``: all)
     :return: ``[min(N, max_windows), L]``
     """
-    if max_windows is None or len(windows) <= max_windows:
-        return windows
-    return windows[np.linspace(0, len(windows) - 1, max_windows).round().astype(int)]
+    return windows[spread_index(len(windows), max_windows)]
+
+
+def file_windows_with_docs(path: str, reconstructor: Reconstructor, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """All ``seq_len``-token windows of a text file or folder and their document ids.
+
+    A file is cut into documents as :func:`~tokencompress_env.data.local_documents` does (about 20,000
+    characters at paragraph breaks; each file of a folder is at least one document).
+
+    :param path: a ``.txt`` file or a folder
+    :param reconstructor: the reconstructor (its tokenizer)
+    :param seq_len: tokens per window
+    :return: ``[N, seq_len]`` ids and ``[N]`` document ids
+    """
+    docs = local_documents(path)
+    dataset = datasets.Dataset.from_dict({"doc_id": [d for d, _ in docs], "text": [t for _, t in docs]})
+    cut = make_windows(dataset, reconstructor.tokenizer, seq_len)
+    windows = window_array(cut)
+    if len(windows) == 0:
+        raise InputError(f"'{path}' is shorter than one {seq_len}-token window: give more text or a smaller --seq_len")
+    return windows, window_doc_ids(cut)
 
 
 def file_windows(path: str, reconstructor: Reconstructor, seq_len: int) -> np.ndarray:
@@ -226,47 +308,74 @@ def file_windows(path: str, reconstructor: Reconstructor, seq_len: int) -> np.nd
     :param seq_len: tokens per window
     :return: ``[N, seq_len]`` ids
     """
-    docs = local_documents(path)
-    dataset = datasets.Dataset.from_dict({"doc_id": [d for d, _ in docs], "text": [t for _, t in docs]})
-    windows = window_array(make_windows(dataset, reconstructor.tokenizer, seq_len))
-    if len(windows) == 0:
-        raise InputError(f"'{path}' is shorter than one {seq_len}-token window: give more text or a smaller --seq_len")
-    return windows
+    return file_windows_with_docs(path, reconstructor, seq_len)[0]
+
+
+def weights_fingerprint(reconstructor: Reconstructor) -> str:
+    """A hash of a reconstructor's weights: runs whose reference reconstructors match share baseline masks.
+
+    :param reconstructor: the reconstructor
+    :return: hex digest
+    """
+    digest = hashlib.sha256()
+    for name, tensor in sorted(reconstructor.model.state_dict().items()):
+        digest.update(name.encode())
+        digest.update(tensor.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 # ---------------------------------------------------------------------------- main
-def run_evaluation(config: EvaluateConfig) -> list[dict[str, Any]]:
+def _run_seed(bundle: RunBundle) -> int | None:
+    """The training seed a run folder records, if any.
+
+    :param bundle: the run
+    :return: the seed or ``None``
+    """
+    seed = bundle.config.get("seed")
+    return int(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else None
+
+
+def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, Any]]:
     """Evaluate as ``config`` says and write the outputs; returns the records.
 
     :param config: the options
+    :param command: the command line that asked for it (written to ``results.md``)
     :return: the records written to ``results.json``
     """
+    config.validate()
     methods_wanted = config.method_names()
+    bundles: list[RunBundle] = []
     if config.run:
-        bundle = load_run(config.run, config.device, load_agent=POLICY in methods_wanted)
-        for problem in bundle.problems:
-            print(f"note: {problem}", file=sys.stderr)
-        if POLICY in methods_wanted and bundle.agent is None:
-            raise InputError(
-                f"cannot evaluate 'policy': {'; '.join(bundle.problems)}. "
-                "Finish the run (experiments.train_ppo --resume true) or leave 'policy' out of --methods"
-            )
-        reference = bundle.reference
-        scorers = {"reference": reference} | ({"joint": bundle.joint} if bundle.joint is not None else {})
-        corpus = str(bundle.config.get("corpus", EMBEDDED))
-        default_seq_len = int(bundle.config.get("seq_len", 128))
-        train_seq_len = default_seq_len
+        for run_dir in config.run:
+            bundle = load_run(run_dir, config.device, load_agent=POLICY in methods_wanted)
+            for problem in bundle.problems:
+                print(f"note ({bundle.run_dir.name}): {problem}", file=sys.stderr)
+            if POLICY in methods_wanted and bundle.agent is None:
+                raise InputError(
+                    f"cannot evaluate 'policy' of '{run_dir}': {'; '.join(bundle.problems)}. "
+                    "Finish the run (experiments.train_ppo --resume true) or leave 'policy' out of --methods"
+                )
+            bundles.append(bundle)
+        first = bundles[0]
+        keys = ("corpus", "seq_len", "keep_digits")
+        for other in bundles[1:]:
+            differ = [k for k in keys if other.config.get(k) != first.config.get(k)]
+            if differ:
+                raise ConfigError(
+                    f"runs '{first.run_dir}' and '{other.run_dir}' differ in {differ}: --run takes several runs of one configuration"
+                )
+        reference = first.reference
+        corpus = str(first.config.get("corpus", EMBEDDED))
+        default_seq_len = int(first.config.get("seq_len", 128))
     else:
         name = config.reconstructor or "tiny"
         reference = Reconstructor.from_pretrained(name, device=config.device)
-        scorers = {"reference": reference}
         path = Path(name).expanduser()
         info = build_info(path if path.is_dir() else _preset_dir(name))
         built = info.get("build_config", {}) if isinstance(info.get("build_config"), dict) else {}
         corpus = str(built.get("source", EMBEDDED))
         default_seq_len = int(built.get("seq_len", 128))
-        train_seq_len = default_seq_len
-        bundle = None
+    train_seq_len = default_seq_len
     seq_len = config.seq_len or default_seq_len
     if seq_len > reference.max_seq_len:
         raise ConfigError(
@@ -274,61 +383,124 @@ def run_evaluation(config: EvaluateConfig) -> list[dict[str, Any]]:
             f"pass --seq_len {reference.max_seq_len} or less"
         )
 
+    downstream = None
+    if config.continuation_tokens > 0 and config.downstream_lm:  # loaded first: a wrong name fails fast
+        downstream = Reconstructor.from_pretrained(config.downstream_lm, device=config.device)
+
     if config.data:
-        windows = file_windows(config.data, reference, seq_len)
+        all_windows, all_docs = file_windows_with_docs(config.data, reference, seq_len)
         data_name = config.data
     else:
         splits = prepare_corpus(CorpusSpec(source=corpus, seq_len=seq_len), reference.tokenizer)
-        windows = window_array(splits[config.split])
+        all_windows, all_docs = window_array(splits[config.split]), window_doc_ids(splits[config.split])
         data_name = f"{corpus} ({config.split} split)"
-        if len(windows) == 0:
+        if len(all_windows) == 0:
             raise InputError(f"the {config.split} split of '{corpus}' has no {seq_len}-token window")
-    total_windows = len(windows)
-    windows = spread(windows, config.max_windows)
+    total_windows = len(all_windows)
+    index = spread_index(total_windows, config.max_windows)
+    windows, doc_ids = all_windows[index], all_docs[index]
+    search_index = spread_index(len(windows), config.search_windows)
 
-    context = MethodContext(reconstructor=reference, seed=config.seed, batch_size=config.batch_size, segment_len=config.segment_len)
+    reader = None
+    downstream_name = ""
+    if config.continuation_tokens > 0:
+        if downstream is not None:
+            downstream_name = str(config.downstream_lm)
+        else:
+            downstream = reference
+            downstream_name = (
+                f"reference reconstructor of {bundles[0].run_dir.name}" if bundles else f"reconstructor {config.reconstructor or 'tiny'}"
+            )
+        if seq_len + config.continuation_tokens > downstream.max_seq_len:
+            raise ConfigError(
+                f"a {seq_len}-token window plus {config.continuation_tokens} continuation tokens exceeds the downstream LM's context "
+                f"of {downstream.max_seq_len}: pass a smaller --continuation_tokens"
+            )
+        continuations, available = window_continuations(all_windows, all_docs, config.continuation_tokens)
+        reader = DownstreamReader(
+            downstream, reference.tokenizer, continuations[index], available[index], config.batch_size, downstream_name
+        )
+
+    token_counts = None
     if "frequency" in methods_wanted:
         train = window_array(prepare_corpus(CorpusSpec(source=corpus, seq_len=train_seq_len), reference.tokenizer)["train"])
-        context.token_counts = token_frequencies(train, reference.vocab_size)
-    methods: dict[str, MaskMethod] = {}
-    for name in methods_wanted:
-        if name == POLICY:
-            assert bundle is not None
-            surprisal_rec = bundle.joint if bundle.joint is not None else reference
-            keep_digits = bool(bundle.config.get("keep_digits", False))
-            if bundle.config.get("use_decisions", False):  # it acted chunk by chunk on its own decisions: replay that
-                methods[name] = agent_sequential_method(bundle.agent, surprisal_rec, config.batch_size, keep_digits)
-            else:
-                methods[name] = policy_method(agent_logit_fn(bundle.agent, surprisal_rec, config.batch_size, keep_digits))
-        else:
-            methods[name] = BASELINES[name]
+        token_counts = token_frequencies(train, reference.vocab_size)
 
     print(
-        f"Evaluating {len(methods)} method(s) x {len(config.mask_rates)} rate(s) on {len(windows)} of {total_windows} "
-        f"{seq_len}-token windows of {data_name}; scored by {', '.join(scorers)}",
+        f"Evaluating {len(methods_wanted)} method(s) x {len(config.mask_rates)} rate(s) on {len(windows)} of {total_windows} "
+        f"{seq_len}-token windows ({len(set(doc_ids))} documents) of {data_name}"
+        + (f"; {len(bundles)} run(s): {', '.join(b.run_dir.name for b in bundles)}" if bundles else "; baselines only"),
         flush=True,
     )
     start = time.perf_counter()
-    records = evaluate(
-        methods, windows, scorers, config.mask_rates, context, None, config.bootstrap, config.seed, config.batch_size, progress=True
+    mask_caches: dict[str, dict[tuple[str, float], tuple[np.ndarray, float]]] = {}
+    runs: list[list[MethodRate]] = []
+    run_list: list[RunBundle | None] = list(bundles) if bundles else [None]
+    for bundle_or_none in run_list:
+        rec = bundle_or_none.reference if bundle_or_none is not None else reference
+        scorers = {"reference": rec}
+        if bundle_or_none is not None and bundle_or_none.joint is not None:
+            scorers["joint"] = bundle_or_none.joint
+        context = MethodContext(
+            reconstructor=rec, token_counts=token_counts, seed=config.seed, batch_size=config.batch_size, segment_len=config.segment_len
+        )
+        methods: dict[str, MaskMethod | None] = {}
+        for name in methods_wanted:
+            if name == POLICY:
+                assert bundle_or_none is not None
+                surprisal_rec = bundle_or_none.joint if bundle_or_none.joint is not None else rec
+                keep_digits = bool(bundle_or_none.config.get("keep_digits", False))
+                if bundle_or_none.config.get("use_decisions", False):  # it acted chunk by chunk on its own decisions: replay that
+                    methods[name] = agent_sequential_method(bundle_or_none.agent, surprisal_rec, config.batch_size, keep_digits)
+                else:
+                    methods[name] = policy_method(agent_logit_fn(bundle_or_none.agent, surprisal_rec, config.batch_size, keep_digits))
+            else:
+                methods[name] = None if name == SEARCH else BASELINES[name]
+        if bundle_or_none is not None:
+            print(f"run {bundle_or_none.run_dir} (seed {_run_seed(bundle_or_none)})", flush=True)
+        cache = mask_caches.setdefault(weights_fingerprint(rec), {})
+        runs.append(
+            compute_method_stats(
+                methods, windows, scorers, config.mask_rates, context, None, config.batch_size, True, reader, search_index, cache
+            )
+        )
+    records = build_records(
+        runs,
+        doc_ids,
+        config.bootstrap,
+        config.seed,
+        [str(b.run_dir) for b in bundles] or [f"reconstructor:{config.reconstructor or 'tiny'}"],
+        [_run_seed(b) for b in bundles] or [None],
     )
+    split_name = "data file" if config.data else config.split
+    for r in records:
+        r.update(data=data_name, split=split_name, downstream_lm=downstream_name or None, continuation_tokens=config.continuation_tokens)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     title = config.title or f"Compression at matched mask rates: {Path(data_name).name if config.data else data_name}"
     write_results_json(records, out / "results.json")
-    command = (
-        "python -m experiments.evaluate " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("evaluate.py") else ""
-    )
+    seeds = [_run_seed(b) for b in bundles]
     preamble = (
-        f"Data: {data_name}, {len(windows)} of {total_windows} windows of {seq_len} tokens. "
-        "Rates are exact per window (round(rate x tokens)); "
-        f"95% intervals: bootstrap over windows ({config.bootstrap} replicates, seed {config.seed}). "
-        "tokens/s: the compressor alone (mask computation, including any reconstructor forward it needs), scoring excluded."
+        f"Data: {data_name} (split: {split_name}), {len(windows)} of {total_windows} windows of {seq_len} tokens "
+        f"from {len(set(doc_ids))} documents. "
+        + (
+            f"Runs: {', '.join(str(b.run_dir) for b in bundles)} (seeds {', '.join(str(x) for x in seeds)}); "
+            + ("tables pooled over the runs (per-window mean), per-seed figures below. " if len(bundles) > 1 else "")
+            if bundles
+            else f"Baselines only, reconstructor {config.reconstructor or 'tiny'}. "
+        )
+        + "Rates are exact per window (round(rate x tokens)); "
+        f"95% intervals: bootstrap over documents ({config.bootstrap} replicates, seed {config.seed}). "
+        "Bits per masked token assume the reader knows where tokens were dropped; '+ position bits' adds log2 C(n, k) per window. "
+        + (f"Search bound: {min(config.search_windows, len(windows))} windows. " if SEARCH in methods_wanted else "")
+        + "tokens/s: the compressor alone (mask computation, including any reconstructor forward it needs), scoring excluded."
         + (f"\n\nCommand: `{command}`" if command else "")
     )
     write_results_markdown(records, out / "results.md", title=title, preamble=preamble)
     plot_rate_distortion(records, out / "rate_distortion.png", title=title)
-    (out / "eval_config.json").write_text(json.dumps(asdict(config) | {"windows": len(windows), "seq_len_used": seq_len}, indent=2))
+    (out / "eval_config.json").write_text(
+        json.dumps(asdict(config) | {"windows": len(windows), "seq_len_used": seq_len, "command": command}, indent=2)
+    )
     print((out / "results.md").read_text())
     print(f"Wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'rate_distortion.png'} in {time.perf_counter() - start:.0f}s")
     return records
@@ -351,8 +523,9 @@ def main(argv: Sequence[str] | None = None) -> list[dict[str, Any]]:
     :param argv: command-line arguments (default ``sys.argv[1:]``)
     :return: the records
     """
-    config = parse_config(EvaluateConfig, argv, description=__doc__.split("\n\n")[0] if __doc__ else "")
-    return run_evaluation(config)
+    args = list(sys.argv[1:] if argv is None else argv)
+    config = parse_config(EvaluateConfig, args, description=__doc__.split("\n\n")[0] if __doc__ else "")
+    return run_evaluation(config, "python -m experiments.evaluate " + shlex.join(args))
 
 
 if __name__ == "__main__":

@@ -42,7 +42,7 @@ class QuickstartConfig:
     :param train_config: JSON config of the training stage
     :param mask_rates: requested mask rates of the evaluation
     :param max_windows: held-out windows evaluated per data set
-    :param methods: methods evaluated (the greedy oracle is left out by default: minutes on a CPU)
+    :param methods: methods evaluated (``greedy_threshold`` is left out by default: minutes on a CPU)
     :param data: an extra plain-text file to evaluate on (e.g. ``../shared/data/wikitext2-valid.txt``)
     :param device: ``auto``, ``cpu``, ``cuda`` or ``mps``
     :param progress_bar: show progress bars
@@ -53,7 +53,7 @@ class QuickstartConfig:
     train_config: str = str(ROOT / "configs" / "dev" / "small_scale.json")
     mask_rates: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
     max_windows: int = 128
-    methods: list[str] = field(default_factory=lambda: ["policy", *[m for m in BASELINE_NAMES if m != "greedy_oracle"]])
+    methods: list[str] = field(default_factory=lambda: ["policy", *[m for m in BASELINE_NAMES if m != "greedy_threshold"]])
     data: str | None = None
     device: str = "auto"
     progress_bar: bool = True
@@ -112,7 +112,7 @@ def quickstart(config: QuickstartConfig) -> dict[str, Any]:
         out = run_dir / "eval" / name
         run_evaluation(
             EvaluateConfig(
-                run=str(run_dir),
+                run=[str(run_dir)],
                 data=data,
                 mask_rates=list(config.mask_rates),
                 methods=list(config.methods),

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import re
 
 import numpy as np
@@ -12,6 +13,8 @@ from tokencompress_env.baselines import (
     BASELINES,
     MethodContext,
     budget_mask,
+    canonical_method_name,
+    greedy_search_masks,
     logits_to_mask,
     mask_budget,
     maskable_positions,
@@ -186,18 +189,62 @@ def test_iterative_self_information_conditions_on_compressed_prefix(
                 assert bits[row][seg_mask[row]].max() <= bits[row][~seg_mask[row]].min() + 1e-4
 
 
-def test_greedy_oracle_beats_random(context: MethodContext, windows: np.ndarray, test_reconstructor: Reconstructor) -> None:
+def test_greedy_threshold_beats_random(context: MethodContext, windows: np.ndarray, test_reconstructor: Reconstructor) -> None:
     def bits_per_masked(masks: np.ndarray) -> float:
         result = test_reconstructor.score(windows, masks)
         return float(result.masked_bits.sum() / result.mask.sum())
 
-    oracle = bits_per_masked(BASELINES["greedy_oracle"](windows, 0.4, context))
+    threshold = bits_per_masked(BASELINES["greedy_threshold"](windows, 0.4, context))
     random = bits_per_masked(BASELINES["random"](windows, 0.4, context))
-    assert oracle < random
+    assert threshold < random
+
+
+def test_old_greedy_oracle_name_warns() -> None:
+    with pytest.warns(DeprecationWarning, match="greedy_threshold"):
+        assert canonical_method_name("greedy_oracle") == "greedy_threshold"
+    assert canonical_method_name("random") == "random"
+
+
+def _masked_bits(reconstructor: Reconstructor, ids: np.ndarray, masks: np.ndarray) -> np.ndarray:
+    """Total bits of the dropped tokens of each mask (one row of ``ids`` repeated)."""
+    result = reconstructor.score(np.repeat(ids, len(masks), axis=0), masks)
+    return result.masked_bits.double().sum(dim=1).numpy()
+
+
+def test_search_lies_between_brute_force_and_random(test_reconstructor: Reconstructor, windows: np.ndarray) -> None:
+    ids = windows[:1, :10]  # C(10, 3) = 120 masks: brute force is cheap
+    all_masks = np.array([np.isin(np.arange(10), combo) for combo in itertools.combinations(range(10), 3)])
+    every_cost = _masked_bits(test_reconstructor, ids, all_masks)
+    best, mean_random = every_cost.min(), every_cost.mean()  # a uniformly random mask costs the mean on average
+    (search,) = greedy_search_masks(test_reconstructor, ids, np.array([[3]]))
+    assert search.sum() == 3
+    cost = _masked_bits(test_reconstructor, ids, search)[0]
+    assert best - 1e-6 <= cost <= mean_random
+    assert cost < np.median(every_cost)  # and better than most masks, not just the average
+
+
+def test_search_with_one_drop_is_the_brute_force_optimum(test_reconstructor: Reconstructor, windows: np.ndarray) -> None:
+    ids = windows[:1, :12]
+    singles = np.eye(12, dtype=bool)  # with one drop, greedy tries every mask: it must be optimal
+    every_cost = _masked_bits(test_reconstructor, ids, singles)
+    (search,) = greedy_search_masks(test_reconstructor, ids, np.array([[1]]))
+    assert np.array_equal(search[0], singles[int(np.argmin(every_cost))])
+
+
+def test_search_is_nested_and_exact(test_reconstructor: Reconstructor, windows: np.ndarray, padded: tuple) -> None:
+    ids, valid, force_keep = padded
+    ids, valid, force_keep = ids[:2, :24], valid[:2, :24], force_keep[:2, :24]
+    maskable = maskable_positions(ids, valid, force_keep)
+    budgets = np.stack([mask_budget(r, maskable) for r in (0.2, 0.5)])
+    nested = greedy_search_masks(test_reconstructor, ids, budgets, valid, force_keep)
+    assert (nested.sum(axis=2) == budgets).all() and not (nested & ~maskable[None]).any()
+    assert not (nested[0] & ~nested[1]).any()  # the 0.5 masks continue from the 0.2 ones
+    alone = greedy_search_masks(test_reconstructor, ids, budgets[1:], valid, force_keep)
+    assert np.array_equal(alone[0], nested[1])  # nesting changes nothing: greedy passes through the lower budget
 
 
 def test_scoring_baselines_need_a_reconstructor(windows: np.ndarray) -> None:
-    for name in ("self_information", "iterative_self_information", "greedy_oracle", "length"):
+    for name in ("self_information", "iterative_self_information", "greedy_threshold", "length"):
         with pytest.raises(InputError):
             BASELINES[name](windows, 0.5, MethodContext())
     with pytest.raises(InputError):

@@ -390,3 +390,67 @@ def test_evaluate_runs_the_policy_through_the_shared_seam(run_dir: Path, tmp_pat
     policy = [r for r in records if r["method"] == "policy"]
     assert {r["reconstructor"] for r in policy} == {"reference", "joint"}
     assert all(r["achieved_mask_rate"] == pytest.approx(0.5, abs=1e-9) for r in policy)
+
+
+def test_placeholder_marks_each_run_of_dropped_tokens(compressor: Compressor, run_dir: Path, tmp_path: Path, capsys) -> None:
+    mark = "<…>"
+    plain = _compress_one(compressor, PARAGRAPH, mask_rate=0.5)
+    marked = _compress_one(compressor, PARAGRAPH, mask_rate=0.5, placeholder=mark)
+    assert np.array_equal(marked.kept_mask, plain.kept_mask) and np.array_equal(marked.ids, plain.ids)
+    assert marked.placeholder == mark and marked.to_dict()["placeholder"] == mark
+    dropped = ~marked.kept_mask
+    runs = int((dropped & ~np.concatenate([[False], dropped[:-1]])).sum())
+    assert runs > 1 and marked.text.count(mark) == runs
+    # between the placeholders: each run of kept tokens, decoded
+    kept_runs, current = [], []
+    for token, kept in zip(marked.origin_ids, marked.kept_mask, strict=True):
+        if kept:
+            current.append(int(token))
+        elif not current or current[-1] != -1:
+            kept_runs.append(current)
+            current = [-1]  # marks 'inside a dropped run'
+    parts = marked.text.split(mark)
+    expected_parts = [compressor.tokenizer.decode([t for t in run if t != -1]) for run in [*kept_runs, current]]
+    assert parts == expected_parts
+    file = tmp_path / "p.txt"
+    file.write_text(PARAGRAPH, encoding="utf-8")
+    assert compress_main(["--run", str(run_dir), "--mask_rate", "0.5", "--placeholder", mark, "--device", "cpu", str(file)]) == 0
+    assert capsys.readouterr().out.rstrip("\n") == marked.text
+
+
+def test_evaluate_several_runs_end_to_end(run_dir: Path, tmp_path: Path) -> None:
+    from experiments.evaluate import main as evaluate_main
+
+    runs = []
+    for seed in (0, 1):
+        copy = tmp_path / f"seed{seed}"
+        shutil.copytree(run_dir, copy)
+        config = json.loads((copy / "config.json").read_text())
+        (copy / "config.json").write_text(json.dumps({**config, "seed": seed}))
+        runs.append(str(copy))
+    out = tmp_path / "eval"
+    argv = ["--run", *runs, "--split", "validation", "--methods", "policy", "stride", "search", "--mask_rates", "0.25", "0.5"]
+    argv += ["--max_windows", "6", "--search_windows", "2", "--continuation_tokens", "8", "--bootstrap", "20", "--device", "cpu"]
+    records = evaluate_main([*argv, "--out", str(out)])
+    assert json.loads((out / "results.json").read_text()) == records
+    assert {r["run"] for r in records} == {*runs, "pooled"}
+    assert all(r["split"] == "validation" for r in records)
+    pooled = [r for r in records if r["run"] == "pooled" and r["reconstructor"] == "reference"]
+    assert len(pooled) == 3 * 2
+    for r in pooled:
+        assert r["seeds"] == [0, 1] and len(r["bits_per_masked_token_per_seed"]) == 2
+        assert r["bits_per_masked_token_seed_std"] == pytest.approx(0.0, abs=1e-9)  # two copies of one run
+        assert r["position_bits_per_window"] > 0 and r["bits_per_masked_token_with_positions"] > r["bits_per_masked_token"]
+        for key in ("continuation_bits_full", "continuation_bits_deleted", "continuation_bits_placeholder", "continuation_bits_none"):
+            assert r[key] is not None and r[key] > 0
+        assert r["context_kept"] is not None and r["continuation_windows"] + r["continuation_windows_skipped"] == r["windows"]
+        if r["method"] == "stride":
+            lo, hi = r["policy_minus_method_bits_per_masked_token_ci95"]
+            assert lo <= r["policy_minus_method_bits_per_masked_token"] <= hi
+        if r["method"] == "search":
+            assert r["windows"] == 2 and r["policy_to_search_ratio"] >= 1.0 - 1e-6
+    md = (out / "results.md").read_text().splitlines()
+    assert md[2].startswith("Verdict") and md[4].startswith("- **rate 0.25**: best baseline `stride`")
+    text = "\n".join(md)
+    assert "split: validation" in text and "Command: `python -m experiments.evaluate --run" in text and "Per seed" in text
+    assert (out / "rate_distortion.png").stat().st_size > 5000

@@ -3,27 +3,40 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from experiments.config import cli_main
-from experiments.evaluate import file_windows, load_run, main, spread
+from experiments.evaluate import EvaluateConfig, file_windows, load_run, main, spread
 from tokencompress_env.baselines import BASELINES, MethodContext, token_frequencies
+from tokencompress_env.data import window_continuations
 from tokencompress_env.errors import InputError
 from tokencompress_env.evaluation import (
     INTERVAL_METRICS,
+    POOLED,
     RECORD_FIELDS,
+    DownstreamReader,
+    MethodRate,
     WindowStats,
     bootstrap_intervals,
+    build_records,
     evaluate,
     evaluate_method,
+    group_numbers,
+    log2_binomial,
+    paired_difference,
     plot_rate_distortion,
+    results_markdown,
+    score_masks,
     write_results_json,
     write_results_markdown,
 )
@@ -161,6 +174,14 @@ def test_cli_user_errors(capsys: pytest.CaptureFixture[str], test_reconstructor_
     assert "needs a trained run" in capsys.readouterr().err
     assert run(["--run", "/nonexistent/run", "--methods", "random"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    assert run(["--reconstructor", str(test_reconstructor_dir), "--methods", "stride", "--max_windows", "2", "--seq_len", "64",
+                "--downstream_lm", "/nonexistent/lm", "--device", "cpu"]) == 2  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert err.splitlines()[-1] == "error: reconstructor directory '/nonexistent/lm' does not exist" and "Traceback" not in err
+    old_name = EvaluateConfig(methods=["greedy_oracle"], reconstructor="tiny")
+    with pytest.warns(DeprecationWarning, match="greedy_threshold"):
+        old_name.validate()
+    assert old_name.method_names() == ["greedy_threshold"]
 
 
 def test_load_run_is_defensive(tmp_path: Path, test_reconstructor_dir: Path, tc_home: Path, test_windows: dict) -> None:
@@ -178,3 +199,163 @@ def test_load_run_is_defensive(tmp_path: Path, test_reconstructor_dir: Path, tc_
     argv = ["--run", str(run_dir), "--methods", "stride", "--mask_rates", "0.5", "--max_windows", "3", "--bootstrap", "20"]
     records = main([*argv, "--device", "cpu", "--out", str(tmp_path / "e")])
     assert [r["reconstructor"] for r in records] == ["reference"] and records[0]["windows"] == 3
+
+
+# ---------------------------------------------------------------------------- issue 10: protocol
+def _stats(bits: np.ndarray, masked: np.ndarray, valid: float = 10.0) -> WindowStats:
+    n = len(bits)
+    return WindowStats(np.asarray(bits, float), np.asarray(masked, float), np.zeros(n), np.full(n, valid))
+
+
+def test_document_bootstrap_is_wider_when_windows_of_a_document_are_alike() -> None:
+    rng = np.random.default_rng(0)
+    per_doc = rng.normal(5.0, 1.0, size=8) * 4  # 8 documents, bits of 4 dropped tokens
+    bits = np.repeat(per_doc, 16)  # 16 identical windows per document
+    stats = _stats(bits, np.full(len(bits), 4.0))
+    doc_ids = np.repeat([f"doc{i}" for i in range(8)], 16)
+    groups = group_numbers(doc_ids, len(bits))
+    by_window = bootstrap_intervals(stats, n_boot=2000, seed=0)["bits_per_masked_token"]
+    by_document = bootstrap_intervals(stats, n_boot=2000, seed=0, groups=groups)["bits_per_masked_token"]
+    point = float(stats.ratios()["bits_per_masked_token"])
+    assert by_document[0] <= point <= by_document[1] and by_window[0] <= point <= by_window[1]
+    # 128 windows but only 8 independent documents: the honest interval is about sqrt(16) = 4 times wider
+    assert (by_document[1] - by_document[0]) > 2.5 * (by_window[1] - by_window[0])
+
+
+def test_paired_difference_is_a_ratio_of_sums_and_paired() -> None:
+    rng = np.random.default_rng(1)
+    doc_effect = np.repeat(rng.normal(0, 3, size=10), 4)  # documents differ a lot, the methods by a constant
+    masked = np.full(40, 5.0)
+    policy = _stats(5 * (6.0 + doc_effect), masked)
+    other = _stats(5 * (6.5 + doc_effect), masked)
+    groups = group_numbers(np.repeat(np.arange(10), 4), 40)
+    diff, lo, hi = paired_difference(policy, other, n_boot=500, seed=0, groups=groups)
+    assert diff == pytest.approx(-0.5)
+    assert lo == pytest.approx(-0.5) and hi == pytest.approx(-0.5)  # pairing cancels the document effect exactly
+    unpaired = bootstrap_intervals(policy, n_boot=500, seed=0, groups=groups)["bits_per_masked_token"]
+    assert unpaired[1] - unpaired[0] > 1.0  # each method alone has a wide interval
+
+
+def test_position_bits_match_a_hand_computed_value(windows: np.ndarray, context: MethodContext, test_reconstructor: Reconstructor) -> None:
+    assert float(log2_binomial(10, 4)) == pytest.approx(math.log2(210))
+    masks = BASELINES["random"](windows, 0.25, context)  # 16 of 64 tokens per window
+    stats = score_masks(test_reconstructor, windows, masks)
+    expected = math.log2(math.comb(64, 16))
+    point = stats.ratios()
+    assert point["position_bits_per_window"] == pytest.approx(expected)
+    assert point["position_bits_per_masked_token"] == pytest.approx(expected / 16)
+    assert point["bits_per_masked_token_with_positions"] == pytest.approx(point["bits_per_masked_token"] + expected / 16)
+    (r,) = evaluate_method("random", BASELINES["random"], windows, {"reference": test_reconstructor}, [0.25], context, n_boot=20)
+    assert r["position_bits_per_window"] == pytest.approx(expected)
+    assert r["bits_per_masked_token_with_positions"] == pytest.approx(r["bits_per_masked_token"] + expected / 16, rel=1e-6)
+
+
+def test_window_continuations_stay_in_their_document() -> None:
+    windows = np.arange(5 * 4).reshape(5, 4)
+    docs = np.array(["a", "a", "a", "b", "b"], dtype=object)
+    cont, ok = window_continuations(windows, docs, 3)
+    assert ok.tolist() == [True, True, False, True, False]
+    assert cont[0].tolist() == [4, 5, 6] and cont[3].tolist() == [16, 17, 18]
+    cont, ok = window_continuations(windows, docs, 6)  # longer than a window: two following windows needed
+    assert ok.tolist() == [True, False, False, False, False] and cont[0].tolist() == [4, 5, 6, 7, 8, 9]
+
+
+class _KeyTokenLM(torch.nn.Module):
+    """A toy causal LM: once ``key`` has been read, it predicts ``answer`` with near certainty; before, uniform."""
+
+    def __init__(self, vocab: int, key: int, answer: int) -> None:
+        super().__init__()
+        self.config = types.SimpleNamespace(model_type="toy", n_positions=512)
+        self.vocab, self.key, self.answer = vocab, key, answer
+        self.dtype = torch.float32
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = False, **kwargs: object) -> object:
+        seen = ((input_ids == self.key) & attention_mask.bool()).long().cumsum(dim=1) > 0
+        logits = torch.zeros((*input_ids.shape, self.vocab))
+        logits[..., self.answer] = torch.where(seen, 12.0, 0.0)
+        return types.SimpleNamespace(logits=logits)
+
+
+def test_deleting_the_key_token_raises_the_continuation_bits(test_reconstructor: Reconstructor) -> None:
+    tok = test_reconstructor.tokenizer
+    key, answer = 100, 200
+    lm = Reconstructor(_KeyTokenLM(len(tok), key, answer), tok, device="cpu")  # type: ignore[arg-type]
+    windows = np.tile(np.arange(300, 316), (3, 1))
+    windows[:, 5] = key
+    continuations = np.full((3, 6), answer)
+    reader = DownstreamReader(lm, tok, continuations, np.array([True, True, False]), batch_size=2)
+    masks = np.zeros(windows.shape, dtype=bool)
+    masks[0, [4, 5, 6]] = True  # window 0 loses the key token
+    masks[1, [9, 10, 11]] = True  # window 1 loses other tokens
+    masks[2, 5] = True  # window 2 has no continuation: skipped
+    out = reader.read(windows, masks, np.arange(3))
+    assert out["continuation_tokens"].tolist() == [6, 6, 0]
+    assert out["continuation_full"][0] < 1.0 and out["continuation_none"][0] > 6 * 5  # ~log2(vocab) bits per token
+    assert out["continuation_deleted"][0] == pytest.approx(out["continuation_none"][0], rel=1e-4)  # key deleted: no help
+    assert out["continuation_deleted"][1] == pytest.approx(out["continuation_full"][1], rel=1e-4)  # key kept
+    assert out["continuation_placeholder"][0] == pytest.approx(out["continuation_none"][0], rel=1e-4)
+    one = WindowStats(np.zeros(1), np.ones(1), np.zeros(1), np.full(1, 16.0), **{k: v[:1] for k, v in out.items()})
+    two = WindowStats(np.zeros(1), np.ones(1), np.zeros(1), np.full(1, 16.0), **{k: v[1:2] for k, v in out.items()})
+    assert one.ratios()["context_kept"] == pytest.approx(0.0, abs=1e-4)
+    assert two.ratios()["context_kept"] == pytest.approx(1.0, abs=1e-4)
+    # the placeholder context: one mask token per run of dropped tokens
+    ctx = reader._context(np.arange(1, 8), np.array([True, True, False, True, False, False, True]), "placeholder")
+    m = lm.mask_token_id
+    assert ctx.tolist() == [m, 3, m, 5, 6, m]
+
+
+def _method_rate(method: str, bits: np.ndarray, masked: np.ndarray, rate: float = 0.5) -> MethodRate:
+    stats = {"reference": _stats(bits, masked)}
+    return MethodRate(method, rate, 1.0, np.arange(len(bits)), stats, int(10 * len(bits)))
+
+
+def test_several_runs_give_per_seed_and_pooled_figures() -> None:
+    masked = np.full(6, 5.0)
+    base = np.array([20.0, 25.0, 30.0, 22.0, 28.0, 26.0])
+    runs = [
+        [_method_rate("policy", base - 2.0 * s, masked), _method_rate("random", base + 5.0, masked)]  # seeds 0, 1, 2
+        for s in range(3)
+    ]
+    docs = ["a", "a", "b", "b", "c", "c"]
+    records = build_records(runs, docs, n_boot=200, seed=0, run_names=["r0", "r1", "r2"], run_seeds=[0, 1, 2])
+    assert len(records) == 2 * 4 and {r["run"] for r in records} == {"r0", "r1", "r2", POOLED}
+    per_seed = [r["bits_per_masked_token"] for r in records if r["method"] == "policy" and r["run"] != POOLED]
+    assert per_seed == pytest.approx([151 / 30, 139 / 30, 127 / 30])
+    pooled = next(r for r in records if r["method"] == "policy" and r["run"] == POOLED)
+    assert pooled["bits_per_masked_token_per_seed"] == pytest.approx(per_seed)
+    assert pooled["bits_per_masked_token_seed_mean"] == pytest.approx(np.mean(per_seed))
+    assert pooled["bits_per_masked_token_seed_std"] == pytest.approx(np.std(per_seed, ddof=1))
+    assert pooled["bits_per_masked_token"] == pytest.approx(np.mean(per_seed))  # equal drops: pooled = mean of seeds
+    rand = next(r for r in records if r["method"] == "random" and r["run"] == POOLED)
+    diffs = rand["policy_minus_method_bits_per_masked_token_per_seed"]
+    assert diffs == pytest.approx([-1.0, -1.4, -1.8])
+    assert rand["policy_minus_method_bits_per_masked_token"] == pytest.approx(-1.4)
+    lo, hi = rand["policy_minus_method_bits_per_masked_token_ci95"]
+    assert lo <= -1.4 <= hi < 0 and rand["policy_minus_method_excludes_zero"] is True
+    assert rand["documents"] == 3 and rand["bootstrap_unit"] == "document" and rand["seeds"] == [0, 1, 2]
+    md = results_markdown(records)
+    assert md.splitlines()[2].startswith("Verdict") and "- **rate 0.50**: best baseline `random`" in md
+    assert "policy − random = -1.400" in md and "interval excludes 0: the policy is better" in md
+    assert "Per seed" in md
+
+
+def test_search_bound_row_and_policy_ratio(
+    windows: np.ndarray, context: MethodContext, test_reconstructor: Reconstructor, tmp_path: Path
+) -> None:
+    ids = windows[:4, :24]
+    methods = {"policy": BASELINES["self_information"], "random": BASELINES["random"], "search": None}
+    records = evaluate(methods, ids, {"reference": test_reconstructor}, [0.25, 0.5], context, n_boot=50, search_index=np.array([0, 2]))
+    search = {r["requested_mask_rate"]: r for r in records if r["method"] == "search"}
+    policy = {r["requested_mask_rate"]: r for r in records if r["method"] == "policy"}
+    for rate, r in search.items():
+        assert r["windows"] == 2 and policy[rate]["windows"] == 4
+        assert r["policy_bits_per_masked_token_same_windows"] >= r["bits_per_masked_token"] - 1e-6  # the bound is lower
+        assert r["policy_to_search_ratio"] == pytest.approx(r["policy_bits_per_masked_token_same_windows"] / r["bits_per_masked_token"])
+        assert r["mask_seconds"] == search[0.25]["mask_seconds"]  # nested: one search for both rates
+        random_there = test_reconstructor.score(ids[[0, 2]], BASELINES["random"](ids, rate, context)[[0, 2]])
+        random_bits = float(random_there.masked_bits.sum() / random_there.mask.sum())
+        assert r["best_baseline_same_windows"] == "random"
+        assert r["best_baseline_bits_per_masked_token_same_windows"] == pytest.approx(random_bits, rel=1e-5)
+    png = plot_rate_distortion(records, tmp_path / "p.png")
+    assert png.read_bytes()[:8] == PNG_MAGIC
+    assert "search (bound)" in results_markdown(records) and "Search bound on 2 windows" in results_markdown(records)

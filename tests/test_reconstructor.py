@@ -290,3 +290,17 @@ def test_bfloat16_copy_follows_the_float32_master(fresh_reconstructor, test_wind
     restored = pickle.loads(pickle.dumps(rec))  # the copy is not pickled; it is rebuilt on demand
     assert restored._inference_copies == {}
     assert torch.equal(restored.score(x, m, dtype=torch.bfloat16).surprisal, after16)
+
+
+def test_continuation_bits_left_padding_changes_nothing(test_reconstructor: Reconstructor, test_windows: dict) -> None:
+    ids = test_windows["test"][:3, :40]
+    continuation = ids[:, 30:]
+    contexts = [ids[0, :30], ids[1, 12:30], np.zeros(0, dtype=np.int64)]
+    batched = test_reconstructor.continuation_bits(contexts, continuation)
+    assert batched.shape == (3, 10) and (batched > 0).all()
+    for row in range(3):  # each row alone (no padding) gives the same bits
+        alone = test_reconstructor.continuation_bits([contexts[row]], continuation[row : row + 1])
+        assert torch.allclose(alone, batched[row : row + 1], atol=1e-4)
+    # reading <bos> + context + continuation as one window: the same numbers as the scoring function
+    whole = test_reconstructor.score(ids[:1], np.zeros((1, 40), dtype=bool)).surprisal[:, 30:]
+    assert torch.allclose(whole, batched[:1], atol=1e-4)

@@ -26,7 +26,8 @@ Methods (the keys of :data:`BASELINES`):
   tokens are dropped. The budget is spread over the segments in proportion to their maskable tokens
   (cumulatively rounded, so the window total is exact), the fixed-rate analogue of LLMLingua's
   per-segment threshold.
-* ``greedy_oracle``: a reference, not a product. Token by token, left to right, with the KV cache: the
+* ``greedy_threshold`` (called ``greedy_oracle`` before; that name still works, with a deprecation
+  warning): a strong heuristic, neither an oracle nor a bound. Token by token, left to right, with the KV cache: the
   exact cost of dropping token ``i``, its surprisal given the compressed prefix ``s_i``, is compared
   with the estimated costs of the maskable tokens still to come (their surprisal on the original text
   ``u_j``, rescaled by the ratio ``sum s / sum u`` observed so far in the window, since compression
@@ -35,6 +36,17 @@ Methods (the keys of :data:`BASELINES`):
   the number of maskable tokens left every one of them is dropped, and at ``r = 0`` none is, so the
   budget is met exactly. Cost: one single-token forward pass per position (``L`` cached steps).
 
+One more method, ``search`` (:func:`greedy_search_masks`, :data:`SEARCH`), is a *reference*, not a
+baseline: greedy deletion under the scoring reconstructor with the window re-scored in full after every
+drop. At each step every remaining maskable position of a window is tried as the next drop, all
+candidates are scored in batched forward passes (the total bits of the dropped tokens given the
+compressed window, :meth:`Reconstructor.score`), and the cheapest is kept, until the budget is met.
+Greedy is not optimal, so the optimum costs at most what it finds (an upper bound on the best distortion,
+found by a much stronger search than any method's one pass). It costs about ``m * k`` window forwards
+for ``k`` drops among ``m`` maskable tokens, so the evaluation runs it on a subset of windows. Several
+rates are searched *nested*: the masks at a higher rate continue from those at the lower one (greedy
+passes through them anyway), so all rates cost as much as the highest alone.
+
 Every reconstructor evaluation goes through :meth:`Reconstructor.score_chunk` or
 :meth:`Reconstructor.surprisal`; nothing here re-implements scoring.
 """
@@ -42,6 +54,7 @@ Every reconstructor evaluation goes through :meth:`Reconstructor.score_chunk` or
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -60,8 +73,14 @@ BASELINE_NAMES = (
     "stride",
     "self_information",
     "iterative_self_information",
-    "greedy_oracle",
+    "greedy_threshold",
 )
+
+#: Name of the search reference (:func:`greedy_search_masks`): a bound row, not a baseline.
+SEARCH = "search"
+
+#: Old method names still accepted (with a deprecation warning): old name -> current name.
+DEPRECATED_NAMES = {"greedy_oracle": "greedy_threshold"}
 
 #: Name of the learned policy in every output.
 POLICY = "policy"
@@ -76,7 +95,7 @@ class MethodContext:
     """What the methods may need besides the windows: models, corpus statistics, seeds, batch sizes.
 
     :param reconstructor: the reconstructor the scoring methods query (``self_information``,
-        ``iterative_self_information``, ``greedy_oracle``)
+        ``iterative_self_information``, ``greedy_threshold``, ``search``)
     :param token_counts: ``[V]`` occurrences of each token id in the training corpus (``frequency``)
     :param token_lengths: ``[V]`` decoded length in characters of each token id (``length``); computed
         from the reconstructor's tokenizer on first use when ``None``
@@ -500,7 +519,7 @@ def mask_iterative_self_information(
     return masks
 
 
-def mask_greedy_oracle(
+def mask_greedy_threshold(
     input_ids: np.ndarray, rate: float, context: MethodContext, valid: np.ndarray | None = None, force_keep: np.ndarray | None = None
 ) -> np.ndarray:
     """Token by token, drop a token when its surprisal given the compressed prefix is among the lowest left.
@@ -514,7 +533,7 @@ def mask_greedy_oracle(
     :param force_keep: ``[N, L]`` positions to keep
     :return: ``[N, L]`` bool masks
     """
-    rec = context.require_reconstructor("greedy_oracle")
+    rec = context.require_reconstructor("greedy_threshold")
     ids = np.asarray(input_ids, dtype=np.int64)
     valid_np = _valid_or_all(ids, valid)
     maskable = maskable_positions(ids, valid_np, force_keep)
@@ -548,6 +567,82 @@ def mask_greedy_oracle(
     return masks
 
 
+def greedy_search_masks(
+    reconstructor: Reconstructor,
+    input_ids: np.ndarray,
+    budgets: np.ndarray,
+    valid: np.ndarray | None = None,
+    force_keep: np.ndarray | None = None,
+    batch_size: int = 256,
+    progress: Callable[[int], None] | None = None,
+) -> np.ndarray:
+    """Greedy deletion with full re-scoring: the search reference, nested over several budgets.
+
+    For each window, starting from no drop, every remaining maskable position is tried as the next drop;
+    the candidates' masks are scored with :meth:`Reconstructor.score` (``batch_size`` candidate windows
+    per forward pass, output layer at dropped positions only) and the one whose dropped tokens cost the
+    fewest bits in total given the compressed window is kept (ties: the earliest position). After the
+    ``r``-th budget of a window is reached its mask is recorded as the ``r``-th result, and the search
+    continues from it towards the next (larger) budget.
+
+    :param reconstructor: the scoring reconstructor
+    :param input_ids: ``[N, L]`` token ids
+    :param budgets: ``[R, N]`` drops per window for each of ``R`` masks, non-decreasing along ``R``
+        (e.g. :func:`mask_budget` of increasing rates)
+    :param valid: ``[N, L]`` real positions (``None``: all)
+    :param force_keep: ``[N, L]`` positions to keep (``None``: none)
+    :param batch_size: candidate windows per forward pass
+    :param progress: called with 1 after each window (e.g. a progress bar's ``update``)
+    :return: ``[R, N, L]`` bool masks, ``True`` = dropped, ``budgets[r, i]`` drops in row ``i`` of mask ``r``
+    """
+    ids = np.asarray(input_ids, dtype=np.int64)
+    valid_np = _valid_or_all(ids, valid)
+    maskable = maskable_positions(ids, valid_np, force_keep)
+    budgets = np.atleast_2d(np.asarray(budgets, dtype=np.int64))
+    if budgets.shape[1] != len(ids) or np.any(np.diff(budgets, axis=0) < 0):
+        raise InputError(f"budgets must be [rates, {len(ids)}] and non-decreasing along the rates, got shape {budgets.shape}")
+    if np.any(budgets > maskable.sum(axis=1)) or np.any(budgets < 0):
+        raise InputError("a budget exceeds the number of maskable positions of its window")
+    out = np.zeros((len(budgets), *ids.shape), dtype=bool)
+    for i in range(len(ids)):
+        mask = np.zeros(ids.shape[1], dtype=bool)
+        for r in range(len(budgets)):
+            while mask.sum() < budgets[r, i]:
+                candidates = np.flatnonzero(maskable[i] & ~mask)
+                trial = np.repeat(mask[None], len(candidates), axis=0)
+                trial[np.arange(len(candidates)), candidates] = True
+                cost = np.empty(len(candidates), dtype=np.float64)
+                for sl in _batches(len(candidates), batch_size):
+                    rows = sl.stop - sl.start
+                    result = reconstructor.score(
+                        np.repeat(ids[i : i + 1], rows, axis=0), trial[sl], np.repeat(valid_np[i : i + 1], rows, axis=0), positions="masked"
+                    )
+                    cost[sl] = result.masked_bits.double().sum(dim=1).cpu().numpy()
+                mask[candidates[int(np.argmin(cost))]] = True
+            out[r, i] = mask
+        if progress is not None:
+            progress(1)
+    return out
+
+
+def mask_search(
+    input_ids: np.ndarray, rate: float, context: MethodContext, valid: np.ndarray | None = None, force_keep: np.ndarray | None = None
+) -> np.ndarray:
+    """The search reference at one rate (:func:`greedy_search_masks`); slow: use it on a few windows.
+
+    :param input_ids: ``[N, L]`` token ids
+    :param rate: mask rate
+    :param context: the context (its reconstructor and ``batch_size``)
+    :param valid: ``[N, L]`` real positions
+    :param force_keep: ``[N, L]`` positions to keep
+    :return: ``[N, L]`` bool masks
+    """
+    rec = context.require_reconstructor(SEARCH)
+    maskable = maskable_positions(input_ids, valid, force_keep)
+    budget = mask_budget(rate, maskable)
+    return greedy_search_masks(rec, input_ids, budget[None], valid, force_keep, max(context.batch_size, 64))[0]
+
+
 #: The registry: method name -> masking function, all with the :class:`MaskMethod` signature.
 BASELINES: dict[str, MaskMethod] = {
     "random": mask_random,
@@ -556,14 +651,30 @@ BASELINES: dict[str, MaskMethod] = {
     "stride": mask_stride,
     "self_information": mask_self_information,
     "iterative_self_information": mask_iterative_self_information,
-    "greedy_oracle": mask_greedy_oracle,
+    "greedy_threshold": mask_greedy_threshold,
 }
+
+
+def canonical_method_name(name: str) -> str:
+    """The current name of a method, warning (:class:`DeprecationWarning`) when an old name is used.
+
+    :param name: a method name, possibly deprecated (``greedy_oracle``)
+    :return: the current name (``greedy_threshold``), or ``name`` unchanged
+    """
+    if name in DEPRECATED_NAMES:
+        warnings.warn(
+            f"method '{name}' is now called '{DEPRECATED_NAMES[name]}' (it is a threshold heuristic, not an oracle)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return DEPRECATED_NAMES[name]
+    return name
 
 
 def needs_reconstructor(method: str) -> bool:
     """Whether a baseline queries the reconstructor (its cost then includes forward passes).
 
-    :param method: a key of :data:`BASELINES`
-    :return: ``True`` for the scoring baselines
+    :param method: a key of :data:`BASELINES` (or ``search``)
+    :return: ``True`` for the scoring baselines and the search
     """
-    return method in {"self_information", "iterative_self_information", "greedy_oracle"}
+    return canonical_method_name(method) in {"self_information", "iterative_self_information", "greedy_threshold", SEARCH}

@@ -269,6 +269,8 @@ class CompressionResult:
     :param target_tokens: the requested compressed length, when given
     :param windows: policy windows the text was cut into
     :param force_kept: ``[origin_tokens]`` bool, tokens that could not be dropped
+    :param placeholder: the string that marks each run of dropped tokens in ``text`` (``None``: the
+        dropped tokens are deleted without a trace)
     """
 
     text: str
@@ -282,6 +284,7 @@ class CompressionResult:
     target_tokens: int | None = None
     windows: int = 1
     force_kept: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
+    placeholder: str | None = None
 
     def to_dict(self, arrays: bool = True) -> dict[str, Any]:
         """The fields as JSON-ready values.
@@ -297,11 +300,33 @@ class CompressionResult:
             "achieved_mask_rate": self.achieved_mask_rate,
             "target_tokens": self.target_tokens,
             "windows": self.windows,
+            "placeholder": self.placeholder,
         }
         if arrays:
             out["ids"] = self.ids.tolist()
             out["kept_mask"] = self.kept_mask.astype(int).tolist()
         return out
+
+
+def text_with_placeholders(tokenizer: Any, ids: np.ndarray, kept: np.ndarray, placeholder: str) -> str:
+    """Decode a compressed text with ``placeholder`` in place of each run of consecutive dropped tokens.
+
+    Each run of kept tokens is decoded on its own, so a reader sees where (but not how much) text was dropped.
+
+    :param tokenizer: the tokenizer
+    :param ids: ``[n]`` ids of the original text
+    :param kept: ``[n]`` bool, ``True`` where a token is kept
+    :param placeholder: the marker of a dropped run
+    :return: the text
+    """
+    dropped = ~np.asarray(kept, dtype=bool)
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], dropped.astype(np.int8), [0]])))
+    parts, start = [], 0
+    for run_start, run_end in zip(edges[::2], edges[1::2], strict=True):
+        parts.append(str(tokenizer.decode(ids[start:run_start].tolist())))
+        start = run_end
+    parts.append(str(tokenizer.decode(ids[start:].tolist())))
+    return placeholder.join(parts)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
@@ -535,6 +560,7 @@ class Compressor:
         target_tokens: int | Sequence[int] | None = None,
         force_keep: str | Sequence[str] = (),
         keep_digits: bool | None = None,
+        placeholder: str | None = None,
     ) -> CompressionResult | list[CompressionResult]:
         """Compress one text or a batch of texts at an exact mask rate (or to an exact token count).
 
@@ -550,6 +576,9 @@ class Compressor:
             per text, in ``[0, token count]``
         :param force_keep: strings whose every occurrence is kept verbatim
         :param keep_digits: keep every token with a digit (``None``: the run's training setting)
+        :param placeholder: a string that replaces each run of consecutive dropped tokens in the output
+            text (e.g. ``"…"``), so that a reader knows where text was removed (``None``: dropped tokens
+            are deleted; ``ids`` holds the kept tokens either way)
         :return: a :class:`CompressionResult` for a single text, else a list of them in input order
         :raises InputError: for an empty text, a mask rate outside ``[0, 1)`` or NaN, both or invalid
             ``target_tokens``
@@ -628,6 +657,8 @@ class Compressor:
             row += w
         compressed_ids = [ids[kept] for ids, kept in zip(ids_list, kept_all, strict=True)]
         decoded = self.tokenizer.batch_decode([c.tolist() for c in compressed_ids])
+        if placeholder is not None:
+            decoded = [text_with_placeholders(self.tokenizer, ids, kept, placeholder) for ids, kept in zip(ids_list, kept_all, strict=True)]
         for i, ids in enumerate(ids_list):
             kept = kept_all[i]
             n_kept = int(kept.sum())
@@ -644,6 +675,7 @@ class Compressor:
                     target_tokens=None if targets is None else targets[i],
                     windows=n_windows[i],
                     force_kept=keep_list[i],
+                    placeholder=placeholder,
                 )
             )
         return results[0] if single else results

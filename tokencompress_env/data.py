@@ -520,3 +520,43 @@ def window_array(windows: datasets.Dataset) -> np.ndarray:
     if len(windows) == 0:
         return np.zeros((0, 0), dtype=np.int64)
     return np.asarray(windows.with_format("numpy")["input_ids"], dtype=np.int64)
+
+
+def window_doc_ids(windows: datasets.Dataset) -> np.ndarray:
+    """Return the document id of every window of a split, aligned with :func:`window_array`.
+
+    :param windows: one split of a windowed corpus (column ``doc_id``)
+    :return: ``[N]`` object array of document ids
+    """
+    if len(windows) == 0:
+        return np.zeros(0, dtype=object)
+    return np.asarray(windows.with_format(None)["doc_id"], dtype=object)
+
+
+def window_continuations(windows: np.ndarray, doc_ids: np.ndarray, horizon: int) -> tuple[np.ndarray, np.ndarray]:
+    """The ``horizon`` tokens that follow each window in its document, where the windows hold them.
+
+    :func:`make_windows` cuts each document into consecutive non-overlapping windows, in order, so the
+    tokens after window ``i`` are the first tokens of windows ``i + 1, i + 2, ..`` when those belong to the
+    same document. A window without ``horizon`` following tokens in its document's windows (the last
+    window of a document: the remainder shorter than a window is not kept) has none.
+
+    :param windows: ``[N, L]`` all windows of a split, in :func:`make_windows` order (not subsampled)
+    :param doc_ids: ``[N]`` their document ids
+    :param horizon: continuation length in tokens
+    :return: ``[N, horizon]`` int64 continuations (zeros where unavailable) and ``[N]`` bool availability
+    """
+    ids = np.asarray(windows, dtype=np.int64)
+    docs = np.asarray(doc_ids, dtype=object)
+    n = len(ids)
+    length = ids.shape[1] if ids.ndim == 2 else 0
+    out = np.zeros((n, max(horizon, 0)), dtype=np.int64)
+    available = np.zeros(n, dtype=bool)
+    if n == 0 or horizon <= 0 or length == 0:
+        return out, available if horizon > 0 else np.ones(n, dtype=bool)
+    needed = -(-horizon // length)  # following windows holding the continuation
+    for i in range(n - needed):
+        if all(docs[i + j] == docs[i] for j in range(1, needed + 1)):
+            out[i] = ids[i + 1 : i + 1 + needed].reshape(-1)[:horizon]
+            available[i] = True
+    return out, available

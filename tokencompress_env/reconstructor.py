@@ -32,6 +32,7 @@ import functools
 import inspect
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -459,17 +460,28 @@ class Reconstructor:
         """
         return self.model(input_ids=inputs, attention_mask=torch.ones_like(inputs), use_cache=False).logits
 
-    def _trunk(self, model: PreTrainedModel, inputs: torch.Tensor, attention: torch.Tensor, state: ScoringState | None) -> torch.Tensor:
+    def _trunk(
+        self,
+        model: PreTrainedModel,
+        inputs: torch.Tensor,
+        attention: torch.Tensor,
+        state: ScoringState | None,
+        position_ids: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """Run a model up to its output layer: final hidden states (logits if its head cannot be split off).
 
         :param model: the model (the master or an inference copy)
         :param inputs: ``[B, l]`` compressed input ids
-        :param attention: ``[B, cached + l]`` ones
+        :param attention: ``[B, cached + l]`` ones (zeros at left padding)
         :param state: a chunked-scoring state whose KV cache is used and advanced, or ``None`` (no cache)
+        :param position_ids: ``[B, l]`` positions (``None``: the model's default ``0 .. l-1``; left-padded
+            inputs must pass them, since GPT-2 does not derive them from the attention mask)
         :return: ``[B, l, d]`` hidden states (or ``[B, l, V]`` logits)
         """
         use_cache = state is not None
-        cache = {CACHE_ARG: state.cache} if state is not None else {}
+        cache: dict[str, Any] = {CACHE_ARG: state.cache} if state is not None else {}
+        if position_ids is not None:
+            cache["position_ids"] = position_ids
         if _splits_head(model):
             out = model.base_model(input_ids=inputs, attention_mask=attention, use_cache=use_cache, **cache)
             hidden = out.last_hidden_state
@@ -580,6 +592,58 @@ class Reconstructor:
         state.last_input = compressed[:, -1]
         state.position += ids.shape[1]
         return self._result(model, hidden, ids, mask_t, valid_t, positions)
+
+    @torch.no_grad()
+    def continuation_bits(
+        self,
+        contexts: Sequence[Sequence[int] | np.ndarray],
+        continuations: ArrayLike,
+        *,
+        dtype: torch.dtype | None = None,
+    ) -> torch.Tensor:
+        """Bits of each continuation token given ``<bos>``, an arbitrary context and the continuation's prefix.
+
+        The model reads the reconstructor as a plain causal LM: the input of row ``b`` is
+        ``<bos>, contexts[b], continuations[b]`` and the surprisal of every continuation token is
+        returned (the mask token is never a true token, as in :meth:`score`). Rows of different context
+        lengths are left-padded, with an attention mask and explicit position ids so that padding
+        changes nothing; an empty context scores the continuation after ``<bos>`` alone. One forward pass
+        for the batch, the output layer run at the continuation positions only.
+
+        :param contexts: ``B`` sequences of context ids (a context may contain the mask token, e.g. as a
+            placeholder for dropped tokens)
+        :param continuations: ``[B, T]`` ids to score
+        :param dtype: precision to score in (``None``: the model's own, float32)
+        :return: ``[B, T]`` float32 bits
+        """
+        cont = _as_tensor(continuations, torch.long, self.device)
+        if cont.dim() != 2 or cont.shape[0] != len(contexts):
+            raise ValueError(f"continuations must be [len(contexts), T], got shape {tuple(cont.shape)} for {len(contexts)} contexts")
+        batch, horizon = cont.shape
+        if horizon == 0:
+            return torch.zeros((batch, 0), dtype=torch.float32, device=self.device)
+        lengths = [len(c) for c in contexts]
+        width = 1 + max(lengths, default=0) + horizon  # <bos> + context + continuation
+        if width - 1 > self.max_seq_len:
+            raise ValueError(f"context plus continuation of {width - 1} tokens exceeds the model's context of {self.max_seq_len}")
+        seq = torch.full((batch, width), self.pad_token_id, dtype=torch.long, device=self.device)
+        attention = torch.zeros((batch, width), dtype=torch.long, device=self.device)
+        for b, context in enumerate(contexts):
+            start = width - horizon - lengths[b] - 1
+            seq[b, start] = self.bos_token_id
+            if lengths[b]:
+                seq[b, start + 1 : width - horizon] = _as_tensor(np.asarray(context, dtype=np.int64), torch.long, self.device)
+            attention[b, start:] = 1
+        seq[:, width - horizon :] = cont
+        inputs, targets = seq[:, :-1], seq[:, 1:]
+        attention_in = attention[:, :-1]
+        position_ids = (attention_in.cumsum(dim=1) - 1).clamp(min=0)
+        scored = torch.zeros_like(targets, dtype=torch.bool)
+        scored[:, -horizon:] = True
+        model = self.inference_model(dtype)
+        hidden = self._trunk(model, inputs, attention_in, None, position_ids)
+        result = self._result(model, hidden, targets, scored, scored, "masked")
+        return result.surprisal[:, -horizon:]
 
     @torch.no_grad()
     def surprisal(self, input_ids: ArrayLike, valid: ArrayLike | None = None, dtype: torch.dtype | None = None) -> torch.Tensor:
