@@ -12,9 +12,9 @@ Every variant is trained with every seed (``runs/ablate/<variant>__s<seed>``; fi
 an interrupted ablation continues where it stopped) and evaluated with :mod:`experiments.evaluate` on the
 **validation** split: the same windows, rates and exact rate control for every variant and baseline, the
 masks scored by the frozen reference reconstructor. The table (``ablation.md``, ``ablation.json``) gives
-each variant's bits per dropped token, mean ± standard deviation over the seeds, and each variant's paired
-difference to ``distill_only`` (the same windows; mean over seeds of the per-window difference, with a
-95 % bootstrap interval over documents).
+each variant's bits per dropped token, mean ± standard deviation over the seeds, and its paired difference
+to each baseline on the same windows (per-window figures averaged over the seeds, then a 95 % bootstrap
+interval over documents: :mod:`tokencompress_env.evaluation`).
 
 Examples::
 
@@ -33,12 +33,11 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from experiments.config import build_config, cli_main, load_config_file, parse_config
 from experiments.evaluate import EvaluateConfig, run_evaluation
 from experiments.train_ppo import TrainConfig, train
 from tokencompress_env.errors import ConfigError
+from tokencompress_env.evaluation import POOLED
 
 ROOT = Path(__file__).resolve().parent
 
@@ -50,9 +49,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill_ppo_frozen": {"joint_training": False},
     "distill_ppo_decisions": {"use_decisions": True},
 }
-
-#: The variant every other one is compared with.
-REFERENCE_VARIANT = "distill_only"
 
 
 @dataclass
@@ -127,39 +123,54 @@ def train_variant(config: AblateConfig, variant: str, seed: int) -> Path:
     return run_dir
 
 
-def _bits(records: list[dict[str, Any]], method: str, rate: float) -> float:
-    """Bits per dropped token of one method at one rate under the reference reconstructor.
+def _pooled(records: list[dict[str, Any]], method: str, rate: float) -> dict[str, Any]:
+    """The record of one method at one rate under the reference reconstructor, pooled over the runs.
 
-    :param records: evaluation records
+    :param records: evaluation records of several runs (the pooled ones have ``run == "pooled"``)
     :param method: the method's name in the records
     :param rate: the requested rate
-    :return: the figure
+    :return: the record
     """
-    for r in records:
-        if r["method"] == method and r["reconstructor"] == "reference" and abs(r["requested_mask_rate"] - rate) < 1e-9:
-            return float(r["bits_per_masked_token"])
-    raise KeyError(f"no record of {method} at rate {rate}")
+    matches = [
+        r for r in records if r["method"] == method and r["reconstructor"] == "reference" and abs(r["requested_mask_rate"] - rate) < 1e-9
+    ]
+    pooled = [r for r in matches if r.get("run") == POOLED]
+    if not (pooled or matches):
+        raise KeyError(f"no record of {method} at rate {rate}")
+    return (pooled or matches)[0]
 
 
-def ablation_table(
-    results: dict[str, list[list[dict[str, Any]]]], baselines: dict[str, list[dict[str, Any]]], rates: Sequence[float]
-) -> dict[str, Any]:
-    """Aggregate the per-seed evaluations into the ablation table.
+def ablation_rows(results: dict[str, list[dict[str, Any]]], baselines: Sequence[str], rates: Sequence[float]) -> dict[str, Any]:
+    """The ablation table: each variant's figures and its paired difference to each baseline, per rate.
 
-    :param results: variant -> one list of evaluation records per seed
-    :param baselines: baseline name -> its records (evaluated once, on the same windows)
+    :param results: variant -> the records of its runs, evaluated together (``experiments.evaluate``)
+    :param baselines: the baselines evaluated with them
     :param rates: requested rates
-    :return: rows: name -> rate -> ``{"mean", "std", "seeds": [...]}`` of bits per dropped token
+    :return: name -> rate -> figures (variants: ``mean``, ``std``, ``seeds`` and ``vs`` with each baseline's
+        paired difference and interval; baselines: ``mean``)
     """
     rows: dict[str, Any] = {}
-    for variant, per_seed in results.items():
+    for variant, records in results.items():
         rows[variant] = {}
         for rate in rates:
-            values = [_bits(recs, "policy", rate) for recs in per_seed]
-            std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
-            rows[variant][str(rate)] = {"mean": float(np.mean(values)), "std": std, "seeds": values}
-    for name, recs in baselines.items():
-        rows[name] = {str(rate): {"mean": _bits(recs, name, rate), "std": 0.0, "seeds": [_bits(recs, name, rate)]} for rate in rates}
+            policy = _pooled(records, "policy", rate)
+            seeds = policy.get("bits_per_masked_token_per_seed") or [policy["bits_per_masked_token"]]
+            versus = {}
+            for name in baselines:
+                other = _pooled(records, name, rate)
+                versus[name] = {
+                    "difference": other["policy_minus_method_bits_per_masked_token"],
+                    "ci95": other["policy_minus_method_bits_per_masked_token_ci95"],
+                }
+            rows[variant][str(rate)] = {
+                "mean": policy.get("bits_per_masked_token_seed_mean", policy["bits_per_masked_token"]),
+                "std": policy.get("bits_per_masked_token_seed_std") or 0.0,
+                "seeds": seeds,
+                "vs": versus,
+            }
+    first = next(iter(results.values()))
+    for name in baselines:
+        rows[name] = {str(rate): {"mean": _pooled(first, name, rate)["bits_per_masked_token"]} for rate in rates}
     return rows
 
 
@@ -172,38 +183,25 @@ def ablate(config: AblateConfig) -> dict[str, Any]:
     config.validate()
     started = time.perf_counter()
     out = Path(config.out) if config.out else Path(config.runs_dir) / "results"
-    results: dict[str, list[list[dict[str, Any]]]] = {}
+    results: dict[str, list[dict[str, Any]]] = {}
     for variant in config.variants:
-        results[variant] = []
+        run_dirs = []
         for seed in config.seeds:
             print(f"=== {variant}, seed {seed} ===", flush=True)
-            run_dir = train_variant(config, variant, seed)
-            records = run_evaluation(
-                EvaluateConfig(
-                    run=str(run_dir),
-                    split=config.split,
-                    mask_rates=list(config.mask_rates),
-                    methods=["policy"],
-                    max_windows=config.max_windows,
-                    out=str(run_dir / "eval" / config.split),
-                    device=config.device,
-                )
+            run_dirs.append(str(train_variant(config, variant, seed)))
+        results[variant] = run_evaluation(
+            EvaluateConfig(
+                run=run_dirs,
+                split=config.split,
+                mask_rates=list(config.mask_rates),
+                methods=["policy", *config.baselines],
+                max_windows=config.max_windows,
+                continuation_tokens=0,
+                out=str(out / variant),
+                device=config.device,
             )
-            results[variant].append(records)
-    first_run = Path(config.runs_dir) / run_name(config.variants[0], config.seeds[0])
-    baseline_records = run_evaluation(
-        EvaluateConfig(
-            run=str(first_run),
-            split=config.split,
-            mask_rates=list(config.mask_rates),
-            methods=list(config.baselines),
-            max_windows=config.max_windows,
-            out=str(out / "baselines"),
-            device=config.device,
         )
-    )
-    baselines = {name: baseline_records for name in config.baselines}
-    rows = ablation_table(results, baselines, config.mask_rates)
+    rows = ablation_rows(results, config.baselines, config.mask_rates)
     summary = {"config": asdict(config), "split": config.split, "rows": rows, "seconds": time.perf_counter() - started}
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(summary, indent=2))
@@ -212,24 +210,40 @@ def ablate(config: AblateConfig) -> dict[str, Any]:
     return summary
 
 
+def _cell(row: dict[str, Any], baseline: str) -> str:
+    """One table cell: mean ± std over seeds, then the paired difference to a baseline and its interval.
+
+    :param row: a variant's figures at one rate
+    :param baseline: the baseline of the difference
+    :return: the cell's text
+    """
+    vs = row["vs"][baseline]
+    lo, hi = vs["ci95"]
+    diff = "n/a" if vs["difference"] is None else f"{vs['difference']:+.2f} [{lo:+.2f}, {hi:+.2f}]"
+    return f"{row['mean']:.3f} ± {row['std']:.3f} ({diff})"
+
+
 def ablation_markdown(rows: dict[str, Any], config: AblateConfig) -> str:
     """The ablation table as Markdown.
 
-    :param rows: from :func:`ablation_table`
+    :param rows: from :func:`ablation_rows`
     :param config: the options (split, seeds, rates)
     :return: the Markdown text
     """
     rates = [str(r) for r in config.mask_rates]
+    against = config.baselines[-1]
     lines = [
-        f"Bits per dropped token (reference reconstructor, {config.split} split, {config.max_windows} windows), "
-        f"mean ± std over seeds {', '.join(map(str, config.seeds))}; lower is better.",
+        f"Bits per dropped token (reference reconstructor, {config.split} split, {config.max_windows} windows), mean ± std over "
+        f"seeds {', '.join(map(str, config.seeds))}; lower is better. In brackets: the paired difference to `{against}` on the same "
+        "windows (pooled over seeds) and its 95% interval over documents; negative means the variant drops cheaper tokens.",
         "",
         "| variant | " + " | ".join(rates) + " |",
         "|---|" + "---:|" * len(rates),
     ]
-    for name, row in rows.items():
-        cells = [f"{row[r]['mean']:.3f} ± {row[r]['std']:.3f}" if name in config.variants else f"{row[r]['mean']:.3f}" for r in rates]
-        lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    for name in config.variants:
+        lines.append(f"| {name} | " + " | ".join(_cell(rows[name][r], against) for r in rates) + " |")
+    for name in config.baselines:
+        lines.append(f"| {name} | " + " | ".join(f"{rows[name][r]['mean']:.3f}" for r in rates) + " |")
     return "\n".join(lines) + "\n"
 
 
