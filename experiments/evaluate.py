@@ -34,7 +34,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from experiments.config import cli_main, parse_config
+from experiments.config import check_output_dir, cli_main, parse_config
 from tokencompress_env.baselines import (
     BASELINE_NAMES,
     BASELINES,
@@ -48,7 +48,8 @@ from tokencompress_env.compressor import agent_logit_fn
 from tokencompress_env.data import EMBEDDED, CorpusSpec, local_documents, make_windows, prepare_corpus, window_array
 from tokencompress_env.errors import ConfigError, InputError, ReconstructorLoadError
 from tokencompress_env.evaluation import METHOD_NAMES, evaluate, plot_rate_distortion, write_results_json, write_results_markdown
-from tokencompress_env.reconstructor import BUILD_INFO, Reconstructor
+from tokencompress_env.reconstructor import BUILD_INFO, Reconstructor, resolve_device
+from tokencompress_env.units import check_units
 
 
 @dataclass
@@ -60,7 +61,7 @@ class EvaluateConfig:
     :param data: a plain text file (or folder of them) to evaluate on; default: the held-out split of the
         run's corpus, or of the reconstructor's training corpus
     :param split: held-out split used when ``data`` is not given (``test`` or ``validation``)
-    :param mask_rates: requested mask rates
+    :param mask_rates: requested mask rates (a repeated rate is evaluated once)
     :param methods: methods to evaluate (default: all; ``policy`` needs ``run``)
     :param max_windows: windows evaluated, evenly spread over the data (``None``: all)
     :param seq_len: tokens per window (default: the run's, or the reconstructor's training window)
@@ -71,6 +72,8 @@ class EvaluateConfig:
     :param segment_len: segment length of ``iterative_self_information``
     :param device: ``auto``, ``cpu``, ``cuda`` or ``mps``
     :param title: title of the table and plot (default: the data's name)
+    :param units: what every method drops or keeps together: ``piece`` (whole characters) or ``word``
+        (whole words); with words the achieved rate can differ from the requested one by part of a word
     """
 
     run: str | None = None
@@ -88,6 +91,7 @@ class EvaluateConfig:
     segment_len: int = 16
     device: str = "auto"
     title: str = ""
+    units: str = "piece"
 
     def validate(self) -> None:
         """Reject inconsistent values with a message that says what to change."""
@@ -109,6 +113,9 @@ class EvaluateConfig:
                 raise ConfigError(f"{key} must be positive, got {value}")
         if self.bootstrap < 0 or self.batch_size <= 0 or self.segment_len <= 0:
             raise ConfigError("bootstrap must be >= 0, batch_size and segment_len > 0")
+        check_units(self.units)
+        resolve_device(self.device)
+        check_output_dir(self.out, "out")
 
     def method_names(self) -> list[str]:
         """The methods to run, in report order.
@@ -239,6 +246,16 @@ def run_evaluation(config: EvaluateConfig) -> list[dict[str, Any]]:
     :return: the records written to ``results.json``
     """
     methods_wanted = config.method_names()
+    rates = list(dict.fromkeys(config.mask_rates))
+    if len(rates) < len(config.mask_rates):
+        print(f"note: repeated mask rates are evaluated once: {rates}", file=sys.stderr)
+    if config.run and config.seq_len and POLICY in methods_wanted:
+        run_seq_len = _run_seq_len(config.run)
+        if run_seq_len is not None and run_seq_len != config.seq_len:
+            raise ConfigError(
+                f"the run's policy was trained on {run_seq_len}-token windows, not {config.seq_len}: leave out --seq_len "
+                f"(or pass --seq_len {run_seq_len}), or leave 'policy' out of --methods to evaluate the baselines at {config.seq_len}"
+            )
     if config.run:
         bundle = load_run(config.run, config.device, load_agent=POLICY in methods_wanted)
         for problem in bundle.problems:
@@ -283,7 +300,9 @@ def run_evaluation(config: EvaluateConfig) -> list[dict[str, Any]]:
     total_windows = len(windows)
     windows = spread(windows, config.max_windows)
 
-    context = MethodContext(reconstructor=reference, seed=config.seed, batch_size=config.batch_size, segment_len=config.segment_len)
+    context = MethodContext(
+        reconstructor=reference, seed=config.seed, batch_size=config.batch_size, segment_len=config.segment_len, units=config.units
+    )
     if "frequency" in methods_wanted:
         train = window_array(prepare_corpus(CorpusSpec(source=corpus, seq_len=train_seq_len), reference.tokenizer)["train"])
         context.token_counts = token_frequencies(train, reference.vocab_size)
@@ -298,14 +317,12 @@ def run_evaluation(config: EvaluateConfig) -> list[dict[str, Any]]:
             methods[name] = BASELINES[name]
 
     print(
-        f"Evaluating {len(methods)} method(s) x {len(config.mask_rates)} rate(s) on {len(windows)} of {total_windows} "
-        f"{seq_len}-token windows of {data_name}; scored by {', '.join(scorers)}",
+        f"Evaluating {len(methods)} method(s) x {len(rates)} rate(s) on {len(windows)} of {total_windows} "
+        f"{seq_len}-token windows of {data_name} ({config.units} units); scored by {', '.join(scorers)}",
         flush=True,
     )
     start = time.perf_counter()
-    records = evaluate(
-        methods, windows, scorers, config.mask_rates, context, None, config.bootstrap, config.seed, config.batch_size, progress=True
-    )
+    records = evaluate(methods, windows, scorers, rates, context, None, config.bootstrap, config.seed, config.batch_size, progress=True)
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     title = config.title or f"Compression at matched mask rates: {Path(data_name).name if config.data else data_name}"
@@ -314,8 +331,8 @@ def run_evaluation(config: EvaluateConfig) -> list[dict[str, Any]]:
         "python -m experiments.evaluate " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[0].endswith("evaluate.py") else ""
     )
     preamble = (
-        f"Data: {data_name}, {len(windows)} of {total_windows} windows of {seq_len} tokens. "
-        "Rates are exact per window (round(rate x tokens)); "
+        f"Data: {data_name}, {len(windows)} of {total_windows} windows of {seq_len} tokens, {config.units} units. "
+        "Rates are exact per window (round(rate x tokens)) up to whole units (see the achieved rate); "
         f"95% intervals: bootstrap over windows ({config.bootstrap} replicates, seed {config.seed}). "
         "tokens/s: the compressor alone (mask computation, including any reconstructor forward it needs), scoring excluded."
         + (f"\n\nCommand: `{command}`" if command else "")
@@ -326,6 +343,19 @@ def run_evaluation(config: EvaluateConfig) -> list[dict[str, Any]]:
     print((out / "results.md").read_text())
     print(f"Wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'rate_distortion.png'} in {time.perf_counter() - start:.0f}s")
     return records
+
+
+def _run_seq_len(run_dir: str) -> int | None:
+    """The window length a run's ``config.json`` records, read before any work (``None`` when unknown).
+
+    :param run_dir: the run folder
+    :return: its ``seq_len``
+    """
+    try:
+        saved = json.loads((Path(run_dir).expanduser() / "config.json").read_text())
+        return int(saved["seq_len"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # load_run reports a missing or broken config.json
 
 
 def _preset_dir(name: str) -> Path | None:

@@ -31,6 +31,11 @@ How a text is compressed:
    ``logits_to_mask``. With ``target_tokens=N`` the ``n - N`` drops are spread over the windows in
    proportion to their maskable tokens, so the compressed text has exactly ``N`` tokens whenever the
    force-kept tokens allow it.
+5. Units (:mod:`tokencompress_env.units`): tokens are dropped in whole units, ``"piece"`` (whole
+   characters, so the output is always valid text made of the input's characters) or ``"word"``; a
+   unit is ranked by its tokens' mean logit, a unit with a force-kept token or cut by a window boundary
+   is kept, and the budget is met as closely as whole units allow (exactly with single-token units).
+   The kept tokens are decoded byte for byte (:func:`~tokencompress_env.units.decode_ids`).
 
 Cost: one pass of the small policy network over the windows. **If the run observed surprisal**
 (``observe_surprisal`` in its config), the policy needs the reconstructor's surprisal of the original
@@ -53,7 +58,7 @@ import torch
 
 from tokencompress_env.baselines import LogitFn, budget_mask, mask_budget, segment_budgets
 from tokencompress_env.env import force_keep_token_table
-from tokencompress_env.errors import CheckpointError, InputError, ReconstructorLoadError, TokenCompressError
+from tokencompress_env.errors import CheckpointError, ConfigError, InputError, ReconstructorLoadError, TokenCompressError
 from tokencompress_env.reconstructor import Reconstructor, resolve_device
 from tokencompress_env.units import check_units, decode_ids, spread_to_units, unit_starts
 
@@ -535,7 +540,10 @@ class Compressor:
         :raises InputError: for an empty text, a mask rate outside ``[0, 1)`` or NaN or one that would
             remove every token, both or invalid ``target_tokens``
         """
-        unit_kind = check_units(DEFAULT_UNITS if units is None else units)
+        try:
+            unit_kind = check_units(DEFAULT_UNITS if units is None else units)
+        except ConfigError as exc:
+            raise InputError(str(exc)) from None
         texts, single = self._check_texts(text_or_texts)
         if mask_rate is not None and target_tokens is not None:
             raise InputError("give either mask_rate or target_tokens, not both")
