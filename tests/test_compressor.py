@@ -459,3 +459,12 @@ def test_force_keep_covering_the_text_says_so(compressor: Compressor) -> None:
     assert r.to_dict()["warning"] == r.warning
     plain = _compress_one(compressor, "alpha beta gamma delta", mask_rate=0.5)
     assert plain.warning is None
+
+
+def test_long_words_that_miss_the_rate_say_so(compressor: Compressor) -> None:
+    text = "你好世界日本語テキスト你好世界 and more words here"  # the CJK run is one word of most of the tokens
+    word = _compress_one(compressor, text, mask_rate=0.5, units="word")
+    assert word.achieved_mask_rate < 0.45
+    assert word.warning is not None and "whole words let only" in word.warning and "units='piece'" in word.warning
+    piece = _compress_one(compressor, text, mask_rate=0.5, units="piece")
+    assert abs(piece.achieved_mask_rate - 0.5) < 0.05 and piece.warning is None

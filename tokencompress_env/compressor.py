@@ -70,6 +70,8 @@ _MAX_SURPRISAL_BITS = 64.0
 DEFAULT_MASK_RATE = 0.4
 #: Default units of :meth:`Compressor.compress` (see :mod:`tokencompress_env.units`).
 DEFAULT_UNITS = "piece"
+#: Shortfall of the achieved mask rate, caused by whole units, above which the result carries a warning.
+UNIT_SHORTFALL_WARNING = 0.02
 
 
 # ---------------------------------------------------------------------------- force-keep
@@ -234,7 +236,8 @@ class CompressionResult:
     :param units: what was dropped or kept together: ``"piece"`` (whole characters) or ``"word"``
     :param text_tokens: tokens of ``text`` when tokenised again (BPE may merge the kept tokens
         differently; at most ``origin_tokens``)
-    :param warning: why the achieved rate falls short of the request (force-kept tokens), else ``None``
+    :param warning: why the achieved rate falls short of the request (force-kept tokens, or whole units
+        short by more than :data:`UNIT_SHORTFALL_WARNING`), else ``None``
     """
 
     text: str
@@ -655,6 +658,12 @@ class Compressor:
                     f"force-kept tokens let only {removable} of the {wanted[i]} requested drops of {len(ids)} tokens happen"
                     f"{'' if single else f' (text {i})'}: achieved mask rate {1.0 - n_kept / len(ids):.3f} "
                     f"instead of the requested {float(requested[i]):.3f}"
+                )
+            elif (len(ids) - n_kept) < wanted[i] - UNIT_SHORTFALL_WARNING * len(ids):
+                warning = (
+                    f"whole {unit_kind}s let only {len(ids) - n_kept} of the {wanted[i]} requested drops of {len(ids)} tokens "
+                    f"happen{'' if single else f' (text {i})'}: achieved mask rate {1.0 - n_kept / len(ids):.3f} instead of "
+                    f"the requested {float(requested[i]):.3f}" + (" (units='piece' gets closer)" if unit_kind == "word" else "")
                 )
             results.append(
                 CompressionResult(
