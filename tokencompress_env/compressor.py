@@ -531,7 +531,7 @@ class Compressor:
         :param mask_rate: fraction of tokens to remove, in ``[0, 1)`` (default 0.4 when ``target_tokens``
             is not given either)
         :param target_tokens: instead of ``mask_rate``: tokens to keep, one value for every text or one
-            per text, in ``[0, token count]``
+            per text, in ``[1, token count]``
         :param force_keep: strings whose every occurrence is kept verbatim
         :param keep_digits: keep every token with a digit (``None``: the run's training setting)
         :param units: what is dropped or kept together (:mod:`tokencompress_env.units`): ``"piece"``
