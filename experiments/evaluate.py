@@ -48,7 +48,7 @@ from tokencompress_env.compressor import agent_logit_fn
 from tokencompress_env.data import EMBEDDED, CorpusSpec, local_documents, make_windows, prepare_corpus, window_array
 from tokencompress_env.errors import ConfigError, InputError, ReconstructorLoadError
 from tokencompress_env.evaluation import METHOD_NAMES, evaluate, plot_rate_distortion, write_results_json, write_results_markdown
-from tokencompress_env.reconstructor import BUILD_INFO, Reconstructor, resolve_device
+from tokencompress_env.reconstructor import BUILD_INFO, Reconstructor, parse_device, resolve_device
 from tokencompress_env.units import check_units
 
 
@@ -114,7 +114,7 @@ class EvaluateConfig:
         if self.bootstrap < 0 or self.batch_size <= 0 or self.segment_len <= 0:
             raise ConfigError("bootstrap must be >= 0, batch_size and segment_len > 0")
         check_units(self.units)
-        resolve_device(self.device)
+        parse_device(self.device)  # whether this machine has it: checked when the evaluation starts
         check_output_dir(self.out, "out")
 
     def method_names(self) -> list[str]:
@@ -245,6 +245,7 @@ def run_evaluation(config: EvaluateConfig) -> list[dict[str, Any]]:
     :param config: the options
     :return: the records written to ``results.json``
     """
+    resolve_device(config.device)  # a device this machine lacks fails here, before any work
     methods_wanted = config.method_names()
     rates = list(dict.fromkeys(config.mask_rates))
     if len(rates) < len(config.mask_rates):

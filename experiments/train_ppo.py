@@ -51,7 +51,7 @@ from callbacks.joint_training import ReconstructorFinetuneCallback
 from callbacks.metrics import CompressionMetricsCallback
 from experiments.config import build_config, check_output_dir, cli_main, config_fields, parse_config_values
 from tokencompress_env.errors import CheckpointError, ConfigError, ReconstructorLoadError, TokenCompressError
-from tokencompress_env.reconstructor import SCORING_DTYPES, Reconstructor, resolve_device
+from tokencompress_env.reconstructor import SCORING_DTYPES, Reconstructor, parse_device, resolve_device
 from tokencompress_env.sb3_vec_env import TokenMaskSB3VecEnv
 from tokencompress_env.units import check_units
 from tokencompress_env.vector_env import TokenMaskVectorEnv
@@ -209,7 +209,7 @@ class TrainConfig:
         check_units(self.units)
         if not self.run_name.strip() or self.run_name.strip() in {".", ".."} or Path(self.run_name).is_absolute():
             raise ConfigError(f"run_name must name a folder inside --runs_dir, got {self.run_name!r}: pass e.g. --run_name my_run")
-        resolve_device(self.device)
+        parse_device(self.device)  # whether this machine has it: checked when the run starts (train)
         check_output_dir(self.runs_dir, "runs_dir")
         check_output_dir(self.run_dir, "run_name")
 
@@ -395,6 +395,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     :return: summary with the run folder, timesteps, seconds and final rollout metrics
     """
     torch.manual_seed(config.seed)
+    resolve_device(config.device)  # a device this machine lacks fails here, before any work
     reconstructor = _prepare_run_dir(config)
     run_dir = config.run_dir
     resolved = asdict(config)

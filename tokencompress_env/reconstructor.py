@@ -79,16 +79,29 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
         if mps_available:
             return torch.device("mps")
         return torch.device("cpu")
-    try:
-        resolved = torch.device(device)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda (or cuda:N) or mps") from None
+    resolved = parse_device(device)
     if resolved.type == "cuda" and not torch.cuda.is_available():
         raise ConfigError(f"device {device!r} is not available on this machine (torch sees no CUDA GPU): use --device cpu or auto")
     if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
         raise ConfigError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
     if resolved.type == "mps" and not mps_available:
         raise ConfigError(f"device {device!r} is not available on this machine (no Apple MPS): use --device cpu or auto")
+    return resolved
+
+
+def parse_device(device: str) -> torch.device:
+    """Check a device name without asking whether this machine has it (configs for other machines validate).
+
+    :param device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"mps"``
+    :return: the device (``cpu`` for ``"auto"``)
+    :raises ConfigError: for a name torch does not know or this project does not run on
+    """
+    if device == "auto":
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda (or cuda:N) or mps") from None
     if resolved.type not in {"cpu", "cuda", "mps"}:
         raise ConfigError(f"unsupported device {device!r}: use auto, cpu, cuda (or cuda:N) or mps")
     return resolved
