@@ -8,13 +8,16 @@ project therefore decides per *unit*, never per token:
   unless its first byte is a UTF-8 continuation byte (``0b10xxxxxx``), which belongs to a character
   begun by the token before. Most tokens are a piece of their own; a CJK character split over two
   tokens is one piece of two tokens. Special tokens are pieces of their own.
-* ``"word"``: pieces grouped into words, the way GPT-2's pre-tokenizer cuts text: a new word starts at
-  a piece that begins with whitespace, or whose first character is of another class than the last
-  character of the piece before (classes: letters and combining marks, digits, whitespace, anything
-  else), except that a piece that is a lone space ``" "`` starts the word that follows it
-  (``" ?\p{L}+"``), and letters after a lone apostrophe go on its word (``"'s"``).
-  So ``" Michigan"`` (``" Mich"`` + ``"igan"``) is one unit, ``"1926"`` one, ``"."`` one, ``"'s"`` one;
-  a run of CJK characters without punctuation is one word, as for the pre-tokenizer.
+* ``"word"``: pieces grouped into words, close to how GPT-2's pre-tokenizer cuts text, so that dropping
+  a word never glues its neighbours together. A new word starts at a piece that begins with
+  whitespace, or whose first character is of another class than the last character of the piece
+  before (classes: letters and combining marks, digits, whitespace, anything else), except that
+  (a) a whitespace-only piece (``" "``, a newline, indentation) starts the word that follows it, as in
+  the pre-tokenizer's ``" ?\p{L}+"``; (b) punctuation right after a letter or digit stays with that
+  word (``"reasons."``, ``"os."``, ``"你好，"``); (c) letters after a lone apostrophe go on its word
+  (``"John's"``). So ``" Michigan"`` (``" Mich"`` + ``"igan"``) is one unit, ``" 1926,"`` one,
+  ``"\n\nThe"`` ends in the unit ``"\nThe"``; a run of CJK characters up to its punctuation is one
+  word, as for the pre-tokenizer.
 
 :func:`unit_starts` marks where units begin (from token ids alone, so the environment, the evaluation
 and :meth:`~tokencompress_env.compressor.Compressor.compress` group the same windows the same way);
@@ -92,7 +95,7 @@ class TokenTable:
     :param continues: ``[V]`` bool, the token's first byte is a UTF-8 continuation byte
     :param first_class: ``[V]`` class of the token's first character (``_UNKNOWN`` when incomplete)
     :param last_class: ``[V]`` class of the token's last character (``_UNKNOWN`` when it starts in an earlier token)
-    :param lone_space: ``[V]`` bool, the token is exactly ``" "``
+    :param all_space: ``[V]`` bool, the token is whitespace only (a space, a newline, indentation)
     :param apostrophe: ``[V]`` bool, the token is exactly an apostrophe (``'`` or ``’``)
     """
 
@@ -101,7 +104,7 @@ class TokenTable:
     continues: np.ndarray
     first_class: np.ndarray
     last_class: np.ndarray
-    lone_space: np.ndarray
+    all_space: np.ndarray
     apostrophe: np.ndarray
 
 
@@ -131,7 +134,7 @@ def token_table(tokenizer: Any) -> TokenTable:
     continues = np.zeros(size, dtype=bool)
     first = np.full(size, _UNKNOWN, dtype=np.int8)
     last = np.full(size, _UNKNOWN, dtype=np.int8)
-    lone = np.zeros(size, dtype=bool)
+    spaces = np.zeros(size, dtype=bool)
     apostrophe = np.zeros(size, dtype=bool)
     for i, tok in enumerate(tokens):
         if i in special_ids or tok is None:
@@ -148,7 +151,7 @@ def token_table(tokenizer: Any) -> TokenTable:
             continue
         continues[i] = 0x80 <= data[0] < 0xC0
         text = data.decode("utf-8", errors="ignore")
-        lone[i] = data == b" "
+        spaces[i] = data.isspace()
         apostrophe[i] = data in (b"'", "\u2019".encode())
         if not text:
             continue
@@ -156,7 +159,7 @@ def token_table(tokenizer: Any) -> TokenTable:
             first[i] = _char_class(text[0])
         if data.endswith(text[-1].encode("utf-8")):
             last[i] = _char_class(text[-1])
-    table = TokenTable(raw, special, continues, first, last, lone, apostrophe)
+    table = TokenTable(raw, special, continues, first, last, spaces, apostrophe)
     _TABLES[key] = (tokenizer, table)
     return table
 
@@ -215,9 +218,10 @@ def unit_starts(token_ids: np.ndarray, valid: np.ndarray | None, tokenizer: Any,
             head, tail = _group_text(table, row, i, stop), _group_text(table, row, begin, i)
             cur_first[r, j] = _char_class(head[0]) if head else _OTHER
             prev_last[r, j] = _char_class(tail[-1]) if tail else _OTHER
-        lone_before = table.lone_space[safe[:, :-1]] & starts[:, :-1]
+        space_before = table.all_space[safe[:, :-1]] & starts[:, :-1]
         goes_on = (cur_first == prev_last) & (cur_first != _SPACE) & (cur_first != _SPECIAL)
-        goes_on |= lone_before & (cur_first != _SPACE) & (cur_first != _SPECIAL)
+        goes_on |= space_before & (cur_first != _SPACE) & (cur_first != _SPECIAL)
+        goes_on |= (cur_first == _OTHER) & ((prev_last == _LETTER) | (prev_last == _NUMBER))
         goes_on |= table.apostrophe[safe[:, :-1]] & starts[:, :-1] & (cur_first == _LETTER)
         starts[:, 1:] = piece_start & ~goes_on
     starts |= ~real
