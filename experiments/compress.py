@@ -6,11 +6,17 @@ Examples::
     cat notes.txt | python -m experiments.compress --run runs/quickstart --target_tokens 200 --json
     python -m experiments.compress --run runs/quickstart --mask-rate 0.6 --reconstruct --force_keep "Python" -- notes.txt
     python -m experiments.compress --run runs/quickstart --mask_rate 0.4 --placeholder "…" notes.txt   # mark each dropped run
+    python -m experiments.compress --run runs/quickstart --reconstruct --force_keep Python --force_keep "pip install" notes.txt
+    python -m experiments.compress --run runs/quickstart --units word notes.txt
 
 The input is a UTF-8 file (undecodable bytes are replaced, not fatal) or, with no file or ``-``, standard
 input. ``--json`` prints the result's fields (text, ids, kept mask, token counts, requested and achieved
-mask rate); ``--reconstruct`` also prints the reconstructor's fill-in. User errors print one line on
-standard error and exit with code 2.
+mask rate); ``--reconstruct`` also prints the reconstructor's fill-in. ``--force_keep STRING`` takes one
+string and may be repeated. ``--units`` chooses what is dropped or kept together (``piece``: whole
+characters; ``word``: whole words; default: :data:`~tokencompress_env.compressor.DEFAULT_UNITS`). When
+force-kept tokens leave fewer tokens removable than asked, a ``warning:`` line on standard error says so
+(and ``--json`` has it as ``warning``). User errors print one line on standard error and exit with code 2,
+before any model is loaded.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ from pathlib import Path
 
 from experiments.config import cli_main
 from tokencompress_env.errors import InputError
+from tokencompress_env.reconstructor import resolve_device
+from tokencompress_env.units import UNIT_KINDS
 
 
 class _Parser(argparse.ArgumentParser):
@@ -48,7 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     group = parser.add_mutually_exclusive_group()
     group.add_argument("--mask_rate", "--mask-rate", type=float, default=None, help="fraction of tokens to remove, in [0, 1) (default 0.4)")
     group.add_argument("--target_tokens", "--target-tokens", type=int, default=None, help="tokens to keep instead of a mask rate")
-    parser.add_argument("--force_keep", "--force-keep", nargs="+", default=[], metavar="STRING", help="strings kept verbatim")
+    parser.add_argument(
+        "--force_keep",
+        "--force-keep",
+        action="append",
+        default=[],
+        metavar="STRING",
+        help="a string kept verbatim wherever it occurs; repeat the option for several strings",
+    )
+    parser.add_argument("--units", choices=UNIT_KINDS, default=None, help="drop whole characters (piece) or whole words (word)")
     parser.add_argument("--keep_digits", "--keep-digits", action="store_true", default=None, help="keep every token with a digit")
     parser.add_argument(
         "--placeholder", default=None, metavar="STRING", help="mark each run of dropped tokens with STRING in the output (e.g. '…')"
@@ -89,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         reconfigure(errors="replace")  # a text with replacement characters must print on any terminal
     if args.reference and not args.reconstruct:
         raise InputError("--reference chooses the reconstructor of --reconstruct: add --reconstruct")
+    resolve_device(args.device)
     text = read_input(args.input)
     if not text.strip():
         raise InputError("the input text is empty or only whitespace: give some text to compress")
@@ -102,8 +119,11 @@ def main(argv: Sequence[str] | None = None) -> None:
         force_keep=args.force_keep,
         keep_digits=args.keep_digits,
         placeholder=args.placeholder,
+        units=args.units,
     )
     assert not isinstance(result, list)
+    if result.warning:
+        print(f"warning: {result.warning}", file=sys.stderr)
     reconstruction = compressor.reconstruct(result, reference=args.reference) if args.reconstruct else None
     if args.json:
         out = result.to_dict()

@@ -14,6 +14,7 @@ import dataclasses
 import difflib
 import json
 import math
+import os
 import sys
 import types
 import typing
@@ -178,6 +179,21 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     :param positional: a field that may also be given as the one positional argument
     :return: the config
     """
+    values, where = parse_config_values(cls, argv, description, positional)
+    return build_config(cls, values, where=where)
+
+
+def parse_config_values(
+    cls: type, argv: Sequence[str] | None = None, description: str = "", positional: str | None = None
+) -> tuple[dict[str, Any], str]:
+    """The values given explicitly (the ``--config`` file, then the command line), not yet converted.
+
+    :param cls: the config dataclass
+    :param argv: arguments (default ``sys.argv[1:]``)
+    :param description: the script's description for ``--help``
+    :param positional: a field that may also be given as the one positional argument
+    :return: key -> value, and where they came from (for messages)
+    """
     fields = config_fields(cls)
     hints = typing.get_type_hints(cls)
     parser = _Parser(description=description, allow_abbrev=False, valid_keys=list(fields))
@@ -200,7 +216,25 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
     if positional and pos is not None:
         values[positional] = pos
     values.update(namespace)
-    return build_config(cls, values, where="command line" if not config_path else f"'{config_path}' + command line")
+    return values, "command line" if not config_path else f"'{config_path}' + command line"
+
+
+def check_output_dir(path: str | Path, option: str) -> None:
+    """Check that a folder can be created or written (before any work), or raise a one-line :class:`ConfigError`.
+
+    :param path: the folder (it may not exist yet)
+    :param option: the command-line option that names it (for the message)
+    """
+    folder = Path(path).expanduser()
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(f"--{option} '{path}' is a file, not a folder: pass a folder path")
+    existing = folder
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ConfigError(f"--{option} '{path}' cannot be created: '{existing}' is a file")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"--{option} '{path}' is not writable ('{existing}' is read-only): pass a folder you can write to")
 
 
 def cli_main(main: Callable[[Sequence[str] | None], Any]) -> Callable[..., int]:

@@ -47,7 +47,7 @@ from typing import Any
 import datasets
 import numpy as np
 
-from experiments.config import cli_main, parse_config
+from experiments.config import check_output_dir, cli_main, parse_config
 from tokencompress_env.baselines import (
     BASELINE_NAMES,
     BASELINES,
@@ -82,7 +82,8 @@ from tokencompress_env.evaluation import (
     write_results_json,
     write_results_markdown,
 )
-from tokencompress_env.reconstructor import BUILD_INFO, Reconstructor
+from tokencompress_env.reconstructor import BUILD_INFO, Reconstructor, parse_device, resolve_device
+from tokencompress_env.units import check_units
 
 
 @dataclass
@@ -96,7 +97,7 @@ class EvaluateConfig:
         run's corpus, or of the reconstructor's training corpus
     :param split: held-out split used when ``data`` is not given: ``validation`` for every choice
         (configs, steps, rates), ``test`` only to report a final configuration
-    :param mask_rates: requested mask rates
+    :param mask_rates: requested mask rates (a repeated rate is evaluated once)
     :param methods: methods to evaluate (default: all but ``search``; ``policy`` needs ``run``; ``search`` is the
         slow bound and runs only when named)
     :param max_windows: windows evaluated, evenly spread over the data (``None``: all)
@@ -113,6 +114,8 @@ class EvaluateConfig:
         reconstructor read as a plain causal LM; in baselines-only mode, the given reconstructor)
     :param search_windows: windows the ``search`` bound runs on (spread over the evaluated ones); about
         ``m * k`` window forward passes each (minutes per 128-token window on a CPU)
+    :param units: what every method drops or keeps together: ``piece`` (whole characters) or ``word``
+        (whole words); with words the achieved rate can differ from the requested one by part of a word
     """
 
     run: list[str] | None = None
@@ -133,6 +136,7 @@ class EvaluateConfig:
     continuation_tokens: int = 32
     downstream_lm: str | None = None
     search_windows: int = 32
+    units: str = "piece"
 
     def validate(self) -> None:
         """Reject inconsistent values with a message that says what to change."""
@@ -162,6 +166,9 @@ class EvaluateConfig:
             raise ConfigError("continuation_tokens must be >= 0 and search_windows > 0")
         if self.run is not None and len(set(self.run)) != len(self.run):
             raise ConfigError(f"--run lists a folder twice: {self.run}")
+        check_units(self.units)
+        parse_device(self.device)  # whether this machine has it: checked when the evaluation starts
+        check_output_dir(self.out, "out")
 
     def method_names(self) -> list[str]:
         """The methods to run, in report order.
@@ -343,7 +350,18 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
     :return: the records written to ``results.json``
     """
     config.validate()
+    resolve_device(config.device)  # a device this machine lacks fails here, before any work
     methods_wanted = config.method_names()
+    rates = list(dict.fromkeys(config.mask_rates))
+    if len(rates) < len(config.mask_rates):
+        print(f"note: repeated mask rates are evaluated once: {rates}", file=sys.stderr)
+    if config.run and config.seq_len and POLICY in methods_wanted:
+        run_seq_len = _run_seq_len(config.run[0])
+        if run_seq_len is not None and run_seq_len != config.seq_len:
+            raise ConfigError(
+                f"the run's policy was trained on {run_seq_len}-token windows, not {config.seq_len}: leave out --seq_len "
+                f"(or pass --seq_len {run_seq_len}), or leave 'policy' out of --methods to evaluate the baselines at {config.seq_len}"
+            )
     bundles: list[RunBundle] = []
     if config.run:
         for run_dir in config.run:
@@ -427,8 +445,8 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
         token_counts = token_frequencies(train, reference.vocab_size)
 
     print(
-        f"Evaluating {len(methods_wanted)} method(s) x {len(config.mask_rates)} rate(s) on {len(windows)} of {total_windows} "
-        f"{seq_len}-token windows ({len(set(doc_ids))} documents) of {data_name}"
+        f"Evaluating {len(methods_wanted)} method(s) x {len(rates)} rate(s) on {len(windows)} of {total_windows} "
+        f"{seq_len}-token windows ({len(set(doc_ids))} documents) of {data_name} ({config.units} units)"
         + (f"; {len(bundles)} run(s): {', '.join(b.run_dir.name for b in bundles)}" if bundles else "; baselines only"),
         flush=True,
     )
@@ -442,7 +460,8 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
         if bundle_or_none is not None and bundle_or_none.joint is not None:
             scorers["joint"] = bundle_or_none.joint
         context = MethodContext(
-            reconstructor=rec, token_counts=token_counts, seed=config.seed, batch_size=config.batch_size, segment_len=config.segment_len
+            reconstructor=rec, token_counts=token_counts, seed=config.seed, batch_size=config.batch_size, segment_len=config.segment_len,
+            units=config.units,
         )
         methods: dict[str, MaskMethod | None] = {}
         for name in methods_wanted:
@@ -461,7 +480,7 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
         cache = mask_caches.setdefault(weights_fingerprint(rec), {})
         runs.append(
             compute_method_stats(
-                methods, windows, scorers, config.mask_rates, context, None, config.batch_size, True, reader, search_index, cache
+                methods, windows, scorers, rates, context, None, config.batch_size, True, reader, search_index, cache
             )
         )
     records = build_records(
@@ -482,14 +501,14 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
     seeds = [_run_seed(b) for b in bundles]
     preamble = (
         f"Data: {data_name} (split: {split_name}), {len(windows)} of {total_windows} windows of {seq_len} tokens "
-        f"from {len(set(doc_ids))} documents. "
+        f"from {len(set(doc_ids))} documents, {config.units} units. "
         + (
             f"Runs: {', '.join(str(b.run_dir) for b in bundles)} (seeds {', '.join(str(x) for x in seeds)}); "
             + ("tables pooled over the runs (per-window mean), per-seed figures below. " if len(bundles) > 1 else "")
             if bundles
             else f"Baselines only, reconstructor {config.reconstructor or 'tiny'}. "
         )
-        + "Rates are exact per window (round(rate x tokens)); "
+        + "Rates are exact per window (round(rate x tokens)) up to whole units (see the achieved rate); "
         f"95% intervals: bootstrap over documents ({config.bootstrap} replicates, seed {config.seed}). "
         "Bits per masked token assume the reader knows where tokens were dropped; '+ position bits' adds log2 C(n, k) per window. "
         + (f"Search bound: {min(config.search_windows, len(windows))} windows. " if SEARCH in methods_wanted else "")
@@ -504,6 +523,19 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
     print((out / "results.md").read_text())
     print(f"Wrote {out / 'results.json'}, {out / 'results.md'}, {out / 'rate_distortion.png'} in {time.perf_counter() - start:.0f}s")
     return records
+
+
+def _run_seq_len(run_dir: str) -> int | None:
+    """The window length a run's ``config.json`` records, read before any work (``None`` when unknown).
+
+    :param run_dir: the run folder
+    :return: its ``seq_len``
+    """
+    try:
+        saved = json.loads((Path(run_dir).expanduser() / "config.json").read_text())
+        return int(saved["seq_len"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None  # load_run reports a missing or broken config.json
 
 
 def _preset_dir(name: str) -> Path | None:

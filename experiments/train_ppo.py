@@ -14,6 +14,10 @@ inference, loaded without unpickling), ``agent.zip``, ``reconstructor/``, ``reco
 and ``state.json``. ``--resume true`` continues from the latest checkpoint (distillation from its step
 with its optimizer, then PPO: step counter, TensorBoard curves, agent, reconstructor and its optimizer);
 it unpickles the checkpoint's ``agent.zip`` only if its SHA-256 is the one recorded in ``state.json``.
+Only ``total_timesteps``, ``save_freq``, ``distill_save_freq``, ``device``, ``tensorboard``, ``progress_bar``,
+``verbose`` and ``trust_agent_pickle`` may
+change on a resume: the run's own ``config.json`` supplies every other option, so ``--runs_dir``,
+``--run_name`` and ``--resume true`` are enough.
 
 Everything is validated (config, reconstructor, ``seq_len`` against its context, corpus, checkpoint)
 before anything is written, so a run that fails validation leaves no run folder behind. Killed at any
@@ -54,14 +58,44 @@ from callbacks.checkpoint import (
 )
 from callbacks.joint_training import ReconstructorFinetuneCallback
 from callbacks.metrics import CompressionMetricsCallback
-from experiments.config import cli_main, parse_config
+from experiments.config import build_config, check_output_dir, cli_main, config_fields, parse_config_values
 from tokencompress_env.errors import CheckpointError, ConfigError, ReconstructorLoadError, TokenCompressError
-from tokencompress_env.reconstructor import SCORING_DTYPES, Reconstructor, resolve_device
+from tokencompress_env.reconstructor import SCORING_DTYPES, Reconstructor, parse_device, resolve_device
 from tokencompress_env.sb3_vec_env import TokenMaskSB3VecEnv
+from tokencompress_env.units import check_units
 from tokencompress_env.vector_env import TokenMaskVectorEnv
 
 #: Constant TensorBoard run name, so a resumed run continues the same curves.
 TB_LOG_NAME = "train"
+#: Integer options that must be at least 1.
+POSITIVE_INTS = (
+    "n_envs",
+    "n_steps",
+    "seq_len",
+    "chunk_size",
+    "batch_size",
+    "n_epochs",
+    "embed_dim",
+    "distill_batch_size",
+    "reconstructor_steps",
+    "reconstructor_batch_size",
+    "reconstructor_grad_accum",
+    "joint_interval",
+)
+#: Options a resumed run may change; every other option comes from the run's ``config.json``.
+RESUME_MAY_CHANGE = (
+    "run_name",
+    "runs_dir",
+    "resume",
+    "total_timesteps",
+    "save_freq",
+    "distill_save_freq",
+    "device",
+    "tensorboard",
+    "progress_bar",
+    "verbose",
+    "trust_agent_pickle",
+)
 
 
 @dataclass
@@ -87,6 +121,7 @@ class TrainConfig:
     :param rate_penalty: cost per token of deviation from the target (``None``: twice the price)
     :param observe_surprisal: give the policy the reconstructor's surprisal of the original tokens
     :param keep_digits: force-keep tokens with digits
+    :param units: what the policy drops or keeps together: ``piece`` (whole characters) or ``word`` (whole words)
     :param scoring_dtype: precision of the env's reconstructor forward passes: ``auto`` (bfloat16 where the hardware
         multiplies it natively: CUDA, or a CPU with AMX; float32 elsewhere), ``float32``, ``bfloat16`` or ``float16``.
         The reconstructor's weights, its fine-tuning and the evaluation stay float32.
@@ -120,7 +155,8 @@ class TrainConfig:
     :param save_freq: environment steps between checkpoints (0: only at the end)
     :param tensorboard: write TensorBoard events to ``<run>/tb``
     :param progress_bar: show SB3's progress bar
-    :param resume: continue from ``<run>/checkpoints/latest``
+    :param resume: continue from ``<run>/checkpoints/latest``; the run's own ``config.json`` supplies every
+        option not given (only the options of :data:`RESUME_MAY_CHANGE` may differ from it)
     :param trust_agent_pickle: resume even when the checkpoint's ``agent.zip`` (a pickle, which can run code
         when loaded) has no recorded SHA-256 (older versions) or another one; only for runs you made yourself.
         Never saved in ``config.json``
@@ -145,6 +181,7 @@ class TrainConfig:
     rate_penalty: float | None = None
     observe_surprisal: bool = False
     keep_digits: bool = False
+    units: str = "piece"
     scoring_dtype: str = "auto"
     policy_lr: float = 3e-4
     n_steps: int = 32
@@ -182,10 +219,20 @@ class TrainConfig:
             canonical_name(self.algo)
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
-        if self.n_envs < 1 or self.n_steps < 1:
-            raise ConfigError("n_envs and n_steps must be positive")
-        if self.total_timesteps < 0:
-            raise ConfigError("total_timesteps must be 0 (distillation only, no reinforcement learning) or positive")
+        for key in POSITIVE_INTS:
+            if getattr(self, key) < 1:
+                raise ConfigError(f"{key} must be a positive integer, got {getattr(self, key)}")
+        for key in ("total_timesteps", "distill_steps", "save_freq", "verbose"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{key} must be 0 or more, got {getattr(self, key)}")
+        for key in ("policy_lr", "distill_lr", "reconstructor_lr", "bits_saved_per_mask", "clip_range"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
+        for key, low, high in (("gamma", 0.0, 1.0), ("gae_lambda", 0.0, 1.0), ("random_mask_fraction", 0.0, 1.0)):
+            if not low <= getattr(self, key) <= high:
+                raise ConfigError(f"{key} must be in [{low:g}, {high:g}], got {getattr(self, key)}")
+        if self.ent_coef < 0:
+            raise ConfigError(f"ent_coef must be 0 or more, got {self.ent_coef}")
         if not 0.0 <= self.mask_rate_min <= self.mask_rate_max < 1.0:
             raise ConfigError("mask rates must satisfy 0 <= mask_rate_min <= mask_rate_max < 1")
         if self.seq_len % self.chunk_size:
@@ -196,6 +243,12 @@ class TrainConfig:
             raise ConfigError(f"scoring_dtype must be one of {', '.join(SCORING_DTYPES)}, got '{self.scoring_dtype}'")
         if self.distill_save_freq < 0:
             raise ConfigError(f"distill_save_freq must be >= 0 (0: only at the end of distillation), got {self.distill_save_freq}")
+        check_units(self.units)
+        if not self.run_name.strip() or self.run_name.strip() in {".", ".."} or Path(self.run_name).is_absolute():
+            raise ConfigError(f"run_name must name a folder inside --runs_dir, got {self.run_name!r}: pass e.g. --run_name my_run")
+        parse_device(self.device)  # whether this machine has it: checked when the run starts (train)
+        check_output_dir(self.runs_dir, "runs_dir")
+        check_output_dir(self.run_dir, "run_name")
 
     @property
     def run_dir(self) -> Path:
@@ -253,10 +306,64 @@ def make_training_env(config: TrainConfig, reconstructor: Reconstructor, split: 
         observe_surprisal=config.observe_surprisal,
         keep_digits=config.keep_digits,
         scoring_dtype=config.scoring_dtype,
+        units=config.units,
     )
     env = TokenMaskSB3VecEnv(venv)
     env.seed(config.seed)
     return VecMonitor(env)
+
+
+def saved_run_config(run_dir: Path) -> dict[str, Any] | None:
+    """The options a run was started with (its ``config.json``, known keys only), or ``None`` without one.
+
+    :param run_dir: the run folder
+    :return: key -> value as saved
+    """
+    path = run_dir / "config.json"
+    if not path.is_file():
+        return None
+    try:
+        saved = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"cannot resume: '{path}' is unreadable ({exc})") from None
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"cannot resume: '{path}' must hold a JSON object")
+    fields = config_fields(TrainConfig)
+    return {k: v for k, v in saved.items() if k in fields}
+
+
+def resume_conflicts(config: TrainConfig, saved: dict[str, Any], keys: Any = None) -> list[str]:
+    """Options of ``config`` that differ from the run's saved ones and may not change on resume.
+
+    :param config: the config of the resume
+    :param saved: the run's saved options (:func:`saved_run_config`)
+    :param keys: the options to compare (default: all)
+    :return: ``"key=value (the run has saved)"`` for each conflict
+    """
+    given = json.loads(json.dumps(asdict(config)))
+    names = saved if keys is None else [k for k in keys if k in saved]
+    return [f"{k}={given[k]!r} (the run has {saved[k]!r})" for k in names if k not in RESUME_MAY_CHANGE and given[k] != saved[k]]
+
+
+def resume_config(config: TrainConfig, explicit: dict[str, Any], where: str) -> TrainConfig:
+    """The config of a resume: the run's own ``config.json``, with the explicitly given options that may change.
+
+    :param config: the config built from the explicit options and the defaults
+    :param explicit: the options given on the command line or in a ``--config`` file
+    :param where: where they came from (for messages)
+    :return: the merged config
+    """
+    saved = saved_run_config(config.run_dir)
+    if saved is None:
+        return config  # _prepare_run_dir says what is missing
+    conflicts = resume_conflicts(config, saved, explicit)
+    if conflicts:
+        raise ConfigError(
+            f"cannot resume '{config.run_dir}' with {', '.join(conflicts)}: a resume reads the run's config.json, "
+            f"so leave these options out (only {', '.join(RESUME_MAY_CHANGE[3:])} may change)"
+        )
+    given = asdict(config)
+    return build_config(TrainConfig, {**saved, **{k: given[k] for k in explicit}, "resume": True}, where=f"the run's config.json + {where}")
 
 
 def _prepare_run_dir(config: TrainConfig) -> Reconstructor:
@@ -268,6 +375,13 @@ def _prepare_run_dir(config: TrainConfig) -> Reconstructor:
     run_dir = config.run_dir
     latest = run_dir / "checkpoints" / "latest"
     if config.resume:
+        saved = saved_run_config(run_dir)
+        conflicts = [] if saved is None else resume_conflicts(config, saved)
+        if conflicts:
+            raise ConfigError(
+                f"cannot resume '{run_dir}' with {', '.join(conflicts)}: resume with the run's own options "
+                f"(on the command line, leave them out: a resume reads the run's config.json)"
+            )
         recover_checkpoint(latest)
         if not latest.exists():
             raise CheckpointError(f"cannot resume: '{latest}' does not exist (run without --resume to start '{config.run_name}')")
@@ -308,7 +422,7 @@ def _load_agent(config: TrainConfig, latest: Path, env: VecMonitor) -> BaseAlgor
         first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"cannot resume: '{latest / 'agent.zip'}' does not load as a {canonical_name(config.algo)} agent ({first}); "
-            f"check --algo, or start over with another --run_name"
+            f"the checkpoint is damaged: restore it from a backup, or start a new run with another --run_name"
         ) from None
     return model
 
@@ -398,6 +512,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     :return: summary with the run folder, timesteps, seconds and final rollout metrics
     """
     torch.manual_seed(config.seed)
+    resolve_device(config.device)  # a device this machine lacks fails here, before any work
     reconstructor = _prepare_run_dir(config)
     run_dir = config.run_dir
     resolved = asdict(config)
@@ -504,7 +619,10 @@ def main(argv: Sequence[str] | None = None) -> None:
 
     :param argv: command-line arguments
     """
-    config = parse_config(TrainConfig, argv, description=__doc__ or "")
+    values, where = parse_config_values(TrainConfig, argv, description=__doc__ or "")
+    config = build_config(TrainConfig, values, where=where)
+    if config.resume:
+        config = resume_config(config, values, where)
     summary = train(config)
     print(json.dumps(summary, indent=2, default=str))
     if summary["interrupted"]:

@@ -261,3 +261,42 @@ def test_policy_seam_ranks_logits_under_the_budget(context: MethodContext, padde
         assert logits[row][masks[row]].min() >= logits[row][maskable[row] & ~masks[row]].max()
     method = policy_method(lambda x, v, r: np.where(v, logits, -1e9))
     assert np.array_equal(method(ids, 0.6, context, valid=valid, force_keep=force_keep), masks)
+
+
+# ---------------------------------------------------------------------------- units (issue 14)
+def test_budget_mask_with_single_token_units_is_the_token_ranking() -> None:
+    rng = np.random.default_rng(0)
+    priority = rng.random((5, 20))
+    maskable = rng.random((5, 20)) < 0.8
+    budget = mask_budget(0.4, maskable)
+    plain = budget_mask(priority, budget, maskable)
+    assert np.array_equal(budget_mask(priority, budget, maskable, units=np.ones((5, 20), dtype=bool)), plain)
+
+
+def test_budget_mask_drops_whole_units_by_mean_priority() -> None:
+    starts = np.array([[1, 0, 0, 1, 1, 0, 1, 0]], dtype=bool)  # units: [0-2] [3] [4-5] [6-7]
+    priority = np.array([[5.0, 5.0, 5.0, 9.0, 1.0, 1.0, 3.0, 2.0]])
+    maskable = np.ones((1, 8), dtype=bool)
+    mask = budget_mask(priority, np.array([3]), maskable, units=starts)
+    assert mask[0].tolist() == [False, False, False, True, False, False, True, True]  # 9, then (3+2)/2; 5 no longer fits
+    # A unit with a force-kept token is kept whole; the closest count is reached with the next unit.
+    maskable[0, 7] = False
+    mask = budget_mask(priority, np.array([3]), maskable, units=starts)
+    assert not mask[0, 6:].any() and mask[0, 3] and mask.sum() in (3, 4)
+
+
+@pytest.mark.parametrize("units", ["piece", "word"])
+@pytest.mark.parametrize("name", BASELINE_NAMES)
+def test_baselines_drop_whole_units(name: str, units: str, context: MethodContext, windows: np.ndarray) -> None:
+    from dataclasses import replace
+
+    from tokencompress_env.units import unit_index, unit_starts
+
+    ctx = replace(context, units=units)
+    ids = windows[:3]
+    masks = BASELINES[name](ids, 0.5, ctx)
+    index = unit_index(unit_starts(ids, None, context.require_reconstructor("t").tokenizer, units))
+    for row in range(len(ids)):
+        for u in np.unique(index[row]):
+            assert len(set(masks[row][index[row] == u].tolist())) == 1
+    assert abs(masks.mean() - 0.5) < 0.1

@@ -13,6 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from experiments.compress import main as compress_main
 from experiments.train_ppo import TrainConfig, train
@@ -118,7 +120,7 @@ def test_target_tokens_gives_exact_lengths(compressor: Compressor) -> None:
     long_text = PARAGRAPH * 4
     n_long = len(compressor.tokenizer(long_text, add_special_tokens=False)["input_ids"])
     for text, n in ((SHORT, len(compressor.tokenizer(SHORT, add_special_tokens=False)["input_ids"])), (long_text, n_long)):
-        for target in (0, 1, n // 3, n - 1, n):
+        for target in (1, n // 3, n - 1, n):  # 0 would remove every token: refused (test_reliability)
             r = _compress_one(compressor, text, target_tokens=target)
             _check_consistent(compressor, r)
             assert r.compressed_tokens == target and r.target_tokens == target
@@ -454,3 +456,109 @@ def test_evaluate_several_runs_end_to_end(run_dir: Path, tmp_path: Path) -> None
     text = "\n".join(md)
     assert "split: validation" in text and "Command: `python -m experiments.evaluate --run" in text and "Per seed" in text
     assert (out / "rate_distortion.png").stat().st_size > 5000
+
+
+# ---------------------------------------------------------------------------- whole characters and words (issue 14)
+#: Alphabets of the random texts: ASCII words, accented Latin, CJK, emoji (with a ZWJ sequence and a
+#: skin tone), combining marks, right-to-left scripts.
+UNICODE_PIECES = [
+    "the",
+    " ",
+    "cat",
+    ".",
+    "\n",
+    "café",
+    "naïve",
+    "Ærøskøbing",
+    "你好",
+    "世界",
+    "，",
+    "。",
+    "日本語",
+    "テキスト",
+    "🎉",
+    "👩\u200d💻",
+    "👍🏽",
+    "e\u0301",
+    "a\u0308\u0323",
+    "שלום",
+    "مرحبا",
+    "\u200f",
+    "𝔘𝔫𝔦",
+]
+
+
+def _is_subsequence(small: str, big: str) -> bool:
+    it = iter(big)
+    return all(ch in it for ch in small)
+
+
+def _check_whole(compressor: Compressor, text: str, r: CompressionResult) -> None:
+    assert "\ufffd" not in r.text, r.text
+    r.text.encode("utf-8")  # valid text: no lone surrogates
+    assert _is_subsequence(r.text, text), (r.text, text)
+    assert len(r.text) <= len(text)
+    assert r.text_tokens == len(compressor.tokenizer(r.text, add_special_tokens=False)["input_ids"])
+    assert r.text_tokens is not None and r.text_tokens <= r.origin_tokens
+
+
+def test_cjk_and_emoji_text_stays_whole(compressor: Compressor) -> None:
+    """The issue's example: no replacement characters, only the input's characters, never longer in tokens."""
+    text = "你好，世界！这是一个测试。日本語のテキストです。🎉"
+    for units in ("piece", "word"):
+        for rate in (0.2, 0.4, 0.7):
+            r = _compress_one(compressor, text, mask_rate=rate, units=units)
+            _check_whole(compressor, text, r)
+            assert r.units == units
+            assert np.array_equal(r.ids, r.origin_ids[r.kept_mask])
+
+
+def test_word_units_drop_whole_words(compressor: Compressor) -> None:
+    from tokencompress_env.units import unit_index, unit_starts
+
+    text = PARAGRAPH * 3 + "Michigan in 1926 for several reasons; naïve café owners."
+    for rate in (0.3, 0.6):
+        r = _compress_one(compressor, text, mask_rate=rate, units="word")
+        words = unit_index(unit_starts(r.origin_ids, None, compressor.tokenizer, "word")[None])[0]
+        for w in np.unique(words):
+            assert len(set(r.kept_mask[words == w].tolist())) == 1  # a word is dropped or kept whole
+        assert abs(r.achieved_mask_rate - rate) < 0.05  # whole words meet the rate closely, not exactly
+        kept_words = set(r.text.split())
+        assert kept_words <= set(text.split()) | {w.strip(".;,") for w in text.split()}  # no glued pieces
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@given(
+    pieces=st.lists(st.sampled_from(UNICODE_PIECES), min_size=1, max_size=60),
+    rate=st.floats(0.0, 0.99),
+    units=st.sampled_from(["piece", "word"]),
+)
+def test_random_unicode_compresses_to_whole_characters(compressor: Compressor, pieces: list[str], rate: float, units: str) -> None:
+    text = "".join(pieces)
+    if not text.strip():
+        return
+    try:
+        r = _compress_one(compressor, text, mask_rate=rate, units=units)
+    except InputError as exc:  # a rate that would remove every token of a short text is refused
+        assert "would remove every token" in str(exc)
+        return
+    _check_whole(compressor, text, r)
+    assert r.compressed_tokens >= 1
+
+
+def test_force_keep_covering_the_text_says_so(compressor: Compressor) -> None:
+    r = _compress_one(compressor, "alpha beta gamma", mask_rate=0.5, force_keep=["alpha beta gamma"])
+    assert r.compressed_tokens == r.origin_tokens and r.achieved_mask_rate == 0.0
+    assert r.warning is not None and "force-kept" in r.warning and "0.500" in r.warning
+    assert r.to_dict()["warning"] == r.warning
+    plain = _compress_one(compressor, "alpha beta gamma delta", mask_rate=0.5)
+    assert plain.warning is None
+
+
+def test_long_words_that_miss_the_rate_say_so(compressor: Compressor) -> None:
+    text = "你好世界日本語テキスト你好世界 and more words here"  # the CJK run is one word of most of the tokens
+    word = _compress_one(compressor, text, mask_rate=0.5, units="word")
+    assert word.achieved_mask_rate < 0.45
+    assert word.warning is not None and "whole words let only" in word.warning and "units='piece'" in word.warning
+    piece = _compress_one(compressor, text, mask_rate=0.5, units="piece")
+    assert abs(piece.achieved_mask_rate - 0.5) < 0.05 and piece.warning is None

@@ -214,6 +214,95 @@ def test_invalid_arguments_raise_clear_errors(test_reconstructor: Reconstructor,
         env.step(np.zeros(CHUNK + 1, dtype=np.int8))
 
 
+#: Arguments of the wrong type or value (issue 14): ``gymnasium.make`` passes them through, the env rejects them.
+BAD_KWARGS: list[tuple[str, dict[str, object], str]] = [
+    ("seq-len-str", {"seq_len": "128"}, r"seq_len must be an integer, got '128' \(str\)"),
+    ("chunk-size-float", {"chunk_size": 16.0}, "chunk_size must be an integer"),
+    ("chunk-size-0", {"chunk_size": 0}, "must be positive"),
+    ("keep-digits-no", {"keep_digits": "no"}, r"keep_digits must be True or False, got 'no'"),
+    ("observe-surprisal-1", {"observe_surprisal": 1}, "observe_surprisal must be True or False"),
+    ("units-unknown", {"units": "token"}, "units must be one of 'piece', 'word'"),
+    ("force-keep-not-str", {"force_keep_strings": [3]}, "force_keep_strings must be a string or a list of strings"),
+    ("split-not-str", {"split": 1}, "split must be a string"),
+]
+
+
+@pytest.mark.parametrize(("kwargs", "match"), [c[1:] for c in BAD_KWARGS], ids=[c[0] for c in BAD_KWARGS])
+def test_make_rejects_ill_typed_arguments(test_reconstructor_dir: Path, kwargs: dict[str, object], match: str) -> None:
+    base = {"reconstructor": str(test_reconstructor_dir), "seq_len": TEST_SEQ_LEN, "chunk_size": CHUNK}
+    with pytest.raises(ConfigError, match=match):
+        gym.make(ENV_ID, **{**base, **kwargs})
+
+
+#: Malformed actions (issue 14): never reshaped, never read as "drop".
+BAD_ACTIONS: list[tuple[str, object, str]] = [
+    ("reshaped-4x4", np.zeros((4, 4), dtype=np.int8), r"shape \(16,\)"),
+    ("batched", np.zeros((1, CHUNK), dtype=np.int8), r"shape \(16,\)"),
+    ("too-short", [0, 1], r"shape \(16,\)"),
+    ("two", np.full(CHUNK, 2), "must be 0 .keep. or 1 .drop., got 2"),
+    ("negative", np.full(CHUNK, -1), "got -1"),
+    ("nan", np.full(CHUNK, np.nan), "got nan"),
+    ("half", np.full(CHUNK, 0.5), "got 0.5"),
+    ("strings", np.array(["1"] * CHUNK), "must be 0 .keep. or 1 .drop., got '1'"),
+    ("objects", np.array([None] * CHUNK), "must be 0 .keep. or 1 .drop."),
+]
+
+
+@pytest.mark.parametrize(("action", "match"), [c[1:] for c in BAD_ACTIONS], ids=[c[0] for c in BAD_ACTIONS])
+def test_step_rejects_malformed_actions(env: TokenMaskEnv, action: object, match: str) -> None:
+    env.reset(seed=0)
+    with pytest.raises(InputError, match=match):
+        env.step(action)  # type: ignore[arg-type]
+    obs, *_ = env.step(np.ones(CHUNK, dtype=np.float32))  # the episode goes on: 0.0 and 1.0 floats are fine
+    assert obs["position"][0] == CHUNK
+
+
+def test_vector_env_rejects_malformed_actions_and_options(test_reconstructor: Reconstructor, windows: np.ndarray) -> None:
+    from tokencompress_env.vector_env import TokenMaskVectorEnv
+
+    venv = TokenMaskVectorEnv(num_envs=2, reconstructor=test_reconstructor, windows=windows, seq_len=TEST_SEQ_LEN, chunk_size=CHUNK)
+    venv.reset(seed=0)
+    with pytest.raises(InputError, match=r"shape \(2, 16\)"):
+        venv.step(np.zeros(2 * CHUNK, dtype=np.int8))
+    with pytest.raises(InputError, match="got nan"):
+        venv.step(np.full((2, CHUNK), np.nan))
+    with pytest.raises(InputError, match=r"unknown reset option.*'window'.*valid options: target_mask_rate, window_index"):
+        venv.reset(options={"window": 1})
+
+
+def test_reset_rejects_unknown_options(env: TokenMaskEnv) -> None:
+    with pytest.raises(InputError, match=r"unknown reset option\(s\) \['target'\]; valid options: target_mask_rate, window_index"):
+        env.reset(seed=0, options={"target": 0.5})
+    with pytest.raises(InputError, match="must be a dict"):
+        env.reset(seed=0, options=[("target_mask_rate", 0.5)])  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("units", ["piece", "word"])
+def test_units_are_dropped_or_kept_whole(test_reconstructor: Reconstructor, units: str) -> None:
+    from tokencompress_env.units import unit_index, unit_starts
+
+    tok = test_reconstructor.tokenizer
+    text = "Michigan in 1926 for several reasons: 你好，世界！ naïve café 🎉 and John's notes " * 3
+    ids = tok(text, add_special_tokens=False)["input_ids"][:TEST_SEQ_LEN]
+    env = make_env(test_reconstructor, np.array([ids]), units=units)
+    index = unit_index(unit_starts(np.array(ids), None, tok, units)[None])[0]
+    assert index[-1] + 1 < len(ids)  # some units have several tokens
+    rng = np.random.default_rng(0)
+    for seed in range(3):
+        obs, _ = env.reset(seed=seed)
+        done = False
+        while not done:
+            masks = env.action_masks().reshape(CHUNK, 2)
+            action = (rng.random(CHUNK) < 0.5).astype(np.int8)
+            action = np.where(masks[:, 1], np.where(masks[:, 0], action, 1), 0)  # a masked policy obeys action_masks
+            obs, _, done, _, _ = env.step(action)
+        dropped = obs["decisions"][: len(ids)] == MASKED
+        for u in np.unique(index):
+            assert len(set(dropped[index == u].tolist())) == 1, f"unit {u} split"
+        kept = np.asarray(ids)[~dropped]
+        assert "\ufffd" not in tok.decode(kept.tolist())
+
+
 def test_set_reconstructor_applies_from_next_episode(
     test_reconstructor: Reconstructor, fresh_reconstructor: Reconstructor, windows: np.ndarray
 ) -> None:

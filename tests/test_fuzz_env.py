@@ -27,6 +27,7 @@ from tokencompress_env.compressor import CompressionResult, Compressor, window_b
 from tokencompress_env.env import KEPT, MASKED, UNDECIDED, TokenMaskEnv
 from tokencompress_env.errors import InputError
 from tokencompress_env.reconstructor import Reconstructor
+from tokencompress_env.units import unit_heads, unit_index, unit_starts
 
 DEBUG = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "dev" / "debug.json"
 SEQ_LEN = 64
@@ -97,7 +98,11 @@ def test_env_fuzz(test_reconstructor: Reconstructor, data: st.DataObject) -> Non
         assert not (decisions[~valid] == MASKED).any(), "padding was dropped"
         chunk = slice(step * chunk_size, (step + 1) * chunk_size)
         droppable = valid[chunk] & ~keep[chunk]
-        assert ((decisions[chunk] == MASKED) == (action.astype(bool) & droppable)).all()
+        # A token follows the decision of its unit's first token (whole characters: units="piece").
+        heads = unit_heads(unit_starts(obs["token_ids"], valid, test_reconstructor.tokenizer, "piece")[None])[0][chunk]
+        start = step * chunk_size
+        follows = np.where(heads >= start, action[np.clip(heads - start, 0, chunk_size - 1)].astype(bool), decisions[heads] == MASKED)
+        assert ((decisions[chunk] == MASKED) == (follows & droppable)).all()
         n_masked = int((decisions[valid] == MASKED).sum())
         assert info["n_masked"] == n_masked
         assert math.isfinite(info["masked_bits_total"]) and info["masked_bits_total"] >= 0
@@ -122,6 +127,11 @@ VALID_RATE = st.floats(0.0, 1.0, exclude_max=True)
 INVALID_RATE = st.one_of(st.floats(max_value=0.0, exclude_max=True), st.floats(min_value=1.0), st.just(math.nan), st.just(math.inf))
 
 
+def _is_subsequence(small: str, big: str) -> bool:
+    it = iter(big)
+    return all(ch in it for ch in small)
+
+
 def _check_result(compressor: Compressor, text: str, rate: float, result: CompressionResult, force_keep: list[str]) -> None:
     n = result.origin_tokens
     ids = np.asarray(result.origin_ids)
@@ -137,7 +147,15 @@ def _check_result(compressor: Compressor, text: str, rate: float, result: Compre
     sizes = np.diff(bounds)
     maskable = np.array([(~np.asarray(result.force_kept)[a:b]).sum() for a, b in itertools.pairwise(bounds)])
     assert result.windows == len(sizes)
-    assert int((~kept).sum()) == int(np.minimum(mask_budget(rate, sizes), maskable).sum())
+    budget = int(np.minimum(mask_budget(rate, sizes), maskable).sum())
+    starts = unit_starts(ids, None, compressor.tokenizer, result.units)
+    if starts.all():  # every unit a single token: exact budgets
+        assert int((~kept).sum()) == budget
+    else:  # whole characters (at most 4 tokens each): the closest whole-unit count, per window
+        assert abs(int((~kept).sum()) - budget) < 4 * len(sizes)
+    index = unit_index(starts[None])[0]
+    assert all(len(set(kept[index == u].tolist())) == 1 for u in np.unique(index)), "a unit was split"
+    assert _is_subsequence(result.text, text) and result.text_tokens is not None and result.text_tokens <= n
     for s in force_keep:
         if s and s in text:
             assert s in result.text, f"force-kept {s!r} missing from {result.text!r}"
@@ -158,8 +176,8 @@ def test_compress_fuzz(compressor: Compressor, text: str, rate: float, data: st.
         return
     try:
         result = compressor.compress(text, mask_rate=rate, force_keep=force_keep)
-    except InputError as exc:  # a text of characters the tokenizer drops entirely
-        assert "has no tokens" in str(exc) and "\n" not in str(exc)
+    except InputError as exc:  # a text of characters the tokenizer drops entirely, or a rate that removes all
+        assert ("has no tokens" in str(exc) or "would remove every token" in str(exc)) and "\n" not in str(exc)
         return
     assert isinstance(result, CompressionResult)
     _check_result(compressor, text, rate, result, force_keep)
@@ -171,7 +189,7 @@ def test_compress_batch_fuzz(compressor: Compressor, texts: list[str], rate: flo
     try:
         results = compressor.compress(texts, mask_rate=rate)
     except InputError as exc:
-        assert "has no tokens" in str(exc)
+        assert "has no tokens" in str(exc) or "would remove every token" in str(exc)
         return
     assert isinstance(results, list) and len(results) == len(texts)
     for text, result in zip(texts, results, strict=True):

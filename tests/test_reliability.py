@@ -241,6 +241,7 @@ class Case:
     :param expect: fragments the one-line message must contain
     :param damaged: a checkpoint damage (see :func:`_corrupt`) applied to a copy of a finished run
     :param subprocess: also run it as a real ``python -m`` subprocess
+    :param cpu_only: the case is an error only on a machine without a CUDA GPU (``--device cuda``)
     """
 
     id: str
@@ -249,6 +250,7 @@ class Case:
     expect: tuple[str, ...]
     damaged: str | None = None
     subprocess: bool = False
+    cpu_only: bool = False
 
 
 TRAIN = ("--config", str(DEBUG), "--runs_dir", "{runs}", "--run_name", "new")
@@ -442,7 +444,7 @@ CASES += [
         "compress-target-too-many",
         "compress",
         (*COMPRESS, "--target_tokens", "100000", "{inputs}/short.txt"),
-        ("target_tokens must be in [0,",),
+        ("target_tokens must be in [1,",),
     ),
     Case("compress-typo", "compress", (*COMPRESS, "--mask_rat", "0.4", "{inputs}/short.txt"), ("unrecognized arguments: --mask_rat",)),
     Case("compress-missing-run", "compress", ("--run", "{runs}/nope", "{inputs}/short.txt"), ("does not exist", "experiments.train_ppo")),
@@ -506,6 +508,90 @@ CASES += [
     ),
 ]
 
+# ---- issue 14: every case one line, exit 2, nothing left behind, validated before any work
+CASES += [
+    Case(
+        "train-device-cuda",
+        "train_ppo",
+        (*TRAIN, "--device", "cuda"),
+        ("device 'cuda' is not available on this machine", "--device cpu"),
+        cpu_only=True,
+        subprocess=True,
+    ),
+    Case("train-device-mps", "train_ppo", (*TRAIN, "--device", "mps"), ("device 'mps' is not available", "--device cpu or auto")),
+    Case("train-device-banana", "train_ppo", (*TRAIN, "--device", "banana"), ("unknown device 'banana'", "use auto, cpu, cuda")),
+    Case("train-chunk-size-0", "train_ppo", (*TRAIN, "--chunk_size", "0"), ("chunk_size must be a positive integer, got 0",)),
+    Case("train-batch-size-negative", "train_ppo", (*TRAIN, "--batch_size", "-1"), ("batch_size must be a positive integer, got -1",)),
+    Case(
+        "train-reconstructor-batch-size-0",
+        "train_ppo",
+        (*TRAIN, "--reconstructor_batch_size", "0"),
+        ("reconstructor_batch_size must be a positive integer, got 0",),
+        subprocess=True,
+    ),
+    Case("train-embed-dim-0", "train_ppo", (*TRAIN, "--embed_dim", "0"), ("embed_dim must be a positive integer, got 0",)),
+    Case("train-grad-accum-0", "train_ppo", (*TRAIN, "--reconstructor_grad_accum", "0"), ("reconstructor_grad_accum must be a positive",)),
+    Case("train-gamma", "train_ppo", (*TRAIN, "--gamma", "1.5"), ("gamma must be in [0, 1], got 1.5",)),
+    Case("train-run-name-empty", "train_ppo", (*TRAIN, "--run_name", ""), ("run_name must name a folder inside --runs_dir", "''")),
+    Case("train-runs-dir-file", "train_ppo", (*TRAIN, "--runs_dir", "{inputs}/short.txt"), ("--runs_dir", "is a file, not a folder")),
+    Case(
+        "train-run-name-file",
+        "train_ppo",
+        (*TRAIN, "--runs_dir", "{inputs}", "--run_name", "short.txt"),
+        ("--run_name", "short.txt' is a file, not a folder"),
+    ),
+    Case("train-units", "train_ppo", (*TRAIN, "--units", "token"), ("units must be one of 'piece', 'word'", "'token'")),
+    Case(
+        "resume-other-options",
+        "train_ppo",
+        (*TRAIN[:-1], "missing_state", "--resume", "true", "--seq_len", "32"),
+        ("cannot resume", "seq_len=32 (the run has 64)", "reads the run's config.json", "leave these options out"),
+        damaged="missing_state",
+    ),
+    Case(
+        "eval-device-cuda",
+        "evaluate",
+        (*EVAL, "--device", "cuda"),
+        ("device 'cuda' is not available on this machine", "--device cpu"),
+        cpu_only=True,
+    ),
+    Case("eval-device-banana", "evaluate", (*EVAL, "--device", "banana"), ("unknown device 'banana'",)),
+    Case("eval-out-file", "evaluate", (*EVAL[:2], "--out", "{inputs}/short.txt"), ("--out", "is a file, not a folder")),
+    Case("eval-out-under-file", "evaluate", (*EVAL[:2], "--out", "{inputs}/short.txt/eval"), ("--out", "cannot be created", "is a file")),
+    Case("eval-units", "evaluate", (*EVAL, "--units", "letters"), ("units must be one of",)),
+    Case(
+        "eval-run-seq-len",
+        "evaluate",
+        ("--run", "{finished}", "--out", "{out}", "--seq_len", "32"),
+        ("trained on 64-token windows, not 32", "leave out --seq_len", "--seq_len 64", "leave 'policy' out of --methods"),
+        subprocess=True,
+    ),
+    Case(
+        "compress-device-cuda",
+        "compress",
+        (*COMPRESS, "--device", "cuda", "{inputs}/short.txt"),
+        ("device 'cuda' is not available",),
+        cpu_only=True,
+    ),
+    Case("compress-device-mps", "compress", (*COMPRESS, "--device", "mps", "{inputs}/short.txt"), ("device 'mps' is not available",)),
+    Case(
+        "compress-device-banana",
+        "compress",
+        (*COMPRESS, "--device", "banana", "{inputs}/short.txt"),
+        ("unknown device 'banana'",),
+        subprocess=True,
+    ),
+    Case(
+        "compress-rate-removes-all",
+        "compress",
+        (*COMPRESS, "--mask_rate", "0.9999999", "{inputs}/short.txt"),
+        ("mask_rate 0.9999999 would remove every token of the text", "use a mask_rate in [0,"),
+        subprocess=True,
+    ),
+    Case("compress-target-0", "compress", (*COMPRESS, "--target_tokens", "0", "{inputs}/short.txt"), ("target_tokens must be in [1,",)),
+    Case("compress-units", "compress", (*COMPRESS, "--units", "token", "{inputs}/short.txt"), ("invalid choice: 'token'",)),
+]
+
 MAINS: dict[str, Callable[[list[str]], int]] = {
     "compress": compress_script.main,
     "train_ppo": train_script.main,
@@ -528,6 +614,8 @@ def _check_nothing_written(case: Case, paths: Paths, runs_before: set[str]) -> N
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
 def test_bad_input_cli(case: Case, paths: Paths, finished_run: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    if case.cpu_only and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is available here")
     if case.damaged:
         _damaged_run(paths, finished_run, case.damaged)
     before = _snapshot(paths.runs)
@@ -545,6 +633,8 @@ SUBPROCESS_CASES = [c for c in CASES if c.subprocess]
 
 @pytest.mark.parametrize("case", SUBPROCESS_CASES, ids=[c.id for c in SUBPROCESS_CASES])
 def test_bad_input_subprocess(case: Case, paths: Paths, finished_run: Path, tc_home: Path, tmp_path: Path) -> None:
+    if case.cpu_only and torch.cuda.is_available():
+        pytest.skip("a CUDA GPU is available here")
     if case.damaged:
         _damaged_run(paths, finished_run, case.damaged)
     before = _snapshot(paths.runs)
@@ -742,6 +832,14 @@ COMPRESS_API_CASES: list[tuple[str, Any, dict[str, Any], str]] = [
     ("target-too-many", "Some text.", {"target_tokens": 10_000}, "target_tokens must be in"),
     ("target-float", "Some text.", {"target_tokens": 2.5}, "target_tokens must be an integer"),
     ("force-keep-not-str", "Some text.", {"force_keep": [3]}, "force_keep must be"),
+    ("target-0", "Some text.", {"target_tokens": 0}, r"target_tokens must be in \[1, "),
+    (
+        "rate-removes-all",
+        "Some text.",
+        {"mask_rate": 0.9999999},
+        r"would remove every token of the text \(\d+ tokens\): use a mask_rate in \[0, ",
+    ),
+    ("units-unknown", "Some text.", {"units": "token"}, "units must be one of"),
 ]
 
 
@@ -769,6 +867,76 @@ def test_cli_compress_invalid_utf8_file_works(finished_run: Path, inputs: Path, 
     assert code == 0, captured.err[-3000:]
     result = json.loads(captured.out)
     assert result["origin_tokens"] > 1000 and abs(result["achieved_mask_rate"] - 0.3) < 0.01
+
+
+def test_cli_compress_force_keep_is_repeatable_and_leaves_the_file(
+    finished_run: Path, inputs: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--force_keep X file`` takes one string: the file is the input (it used to be swallowed as a second string)."""
+    text = (inputs / "short.txt").read_text()
+    code = compress_script.main(
+        [
+            "--run",
+            str(finished_run),
+            "--mask_rate",
+            "0.5",
+            "--force_keep",
+            "Hello",
+            "--force_keep",
+            "too short",
+            "--json",
+            str(inputs / "short.txt"),
+        ]
+    )
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    result = json.loads(captured.out)
+    assert "Hello" in result["text"] and "too short" in result["text"] and result["text"] != text
+    # Force-keep covering the whole text: the rate is not reached, and a warning line says so.
+    code = compress_script.main(["--run", str(finished_run), "--mask_rate", "0.5", "--force_keep", text.strip(), str(inputs / "short.txt")])
+    captured = capsys.readouterr()
+    assert code == 0 and captured.out.strip() == text.strip()
+    warnings = [line for line in captured.err.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 1 and "force-kept tokens" in warnings[0] and "instead of the requested 0.500" in warnings[0]
+
+
+def test_resume_reads_the_runs_own_config(finished_run: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """``--resume true`` needs no ``--config``: the run's config.json supplies the options."""
+    runs = tmp_path / "runs"
+    shutil.copytree(finished_run, runs / "debug")
+    before = load_checkpoint_state(runs / "debug" / "checkpoints" / "latest")["num_timesteps"]
+    args = ["--runs_dir", str(runs), "--run_name", "debug", "--resume", "true", "--total_timesteps", str(before + 64)]
+    code = train_script.main(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert json.loads(captured.out[captured.out.index("{") :])["num_timesteps"] == before + 64
+    saved = json.loads((runs / "debug" / "config.json").read_text())
+    assert saved["seq_len"] == DEBUG_CONFIG["seq_len"] and saved["total_timesteps"] == before + 64
+
+
+def test_evaluate_runs_a_repeated_rate_once(paths: Paths, capsys: pytest.CaptureFixture[str]) -> None:
+    args = [*paths.fill(list(EVAL)), "--methods", "random", "--mask_rates", "0.5", "0.5", "0.3", "--max_windows", "4"]
+    code = cli_main(evaluate_script.main)(args)
+    captured = capsys.readouterr()
+    assert code == 0, captured.err[-3000:]
+    assert "note: repeated mask rates are evaluated once: [0.5, 0.3]" in captured.err
+    records = json.loads((paths.out / "results.json").read_text())
+    assert sorted(r["requested_mask_rate"] for r in records) == [0.3, 0.5]
+
+
+@pytest.mark.skipif(hasattr(os, "geteuid") and os.geteuid() == 0, reason="root may write into read-only folders")
+def test_read_only_output_folders_fail_before_any_work(paths: Paths, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code = cli_main(evaluate_script.main)([*paths.fill(list(EVAL[:2])), "--out", str(locked / "eval")])
+        assert code == 2 and "is not writable" in _error_line(capsys.readouterr().err)
+        code = train_script.main([*paths.fill(list(TRAIN[:2])), "--runs_dir", str(locked), "--run_name", "new"])
+        assert code == 2 and "is not writable" in _error_line(capsys.readouterr().err)
+        assert not list(locked.iterdir())
+    finally:
+        locked.chmod(0o700)
 
 
 def test_every_user_error_is_a_tokencompress_error() -> None:

@@ -11,6 +11,13 @@ position. Each method only computes a *priority* per token (higher = drop first)
 top-k tokens of its classifier. The learned policy plugs in through the same helper
 (:func:`logits_to_mask`, :func:`policy_method`): its per-token mask logits are ranked under the budget.
 
+Units: with ``context.units`` set (``"piece"``: whole characters, ``"word"``: whole words; see
+:mod:`tokencompress_env.units`), every method drops whole units. The ranking methods rank units by the
+mean priority of their tokens (:func:`budget_mask` with ``units``); the two that decide token by token
+(``iterative_self_information``, ``greedy_oracle``) have their mask turned into whole units afterwards
+(:func:`units_of_mask`). A unit of several tokens may not fit the budget exactly, so the achieved rate can
+differ from ``round(rate * m) / m`` by part of a unit: the evaluation reports the achieved rate.
+
 Methods (the keys of :data:`BASELINES`):
 
 * ``random``: uniformly random positions (seeded).
@@ -64,6 +71,7 @@ import torch
 
 from tokencompress_env.errors import InputError
 from tokencompress_env.reconstructor import Reconstructor
+from tokencompress_env.units import check_units, unit_index, unit_starts
 
 #: Names of all baseline methods, in the order they are reported.
 BASELINE_NAMES = (
@@ -102,6 +110,8 @@ class MethodContext:
     :param seed: seed of ``random`` and of the random tie-breaking of every method
     :param batch_size: windows per reconstructor forward pass
     :param segment_len: tokens per segment of ``iterative_self_information``
+    :param units: what is dropped or kept together (:mod:`tokencompress_env.units`): ``"piece"`` (whole
+        characters), ``"word"``, or ``None`` (single tokens, which may split a character)
     """
 
     reconstructor: Reconstructor | None = None
@@ -110,6 +120,18 @@ class MethodContext:
     seed: int = 0
     batch_size: int = 64
     segment_len: int = 16
+    units: str | None = None
+
+    def unit_starts(self, input_ids: np.ndarray, valid: np.ndarray | None = None) -> np.ndarray | None:
+        """Where the units of the windows begin (:func:`~tokencompress_env.units.unit_starts`), ``None`` for single tokens.
+
+        :param input_ids: ``[N, L]`` token ids
+        :param valid: ``[N, L]`` real positions (``None``: all)
+        :return: ``[N, L]`` bool, or ``None`` when ``units`` is ``None``
+        """
+        if self.units is None:
+            return None
+        return unit_starts(input_ids, valid, self.require_reconstructor(f"units={self.units!r}").tokenizer, check_units(self.units))
 
     def require_reconstructor(self, method: str) -> Reconstructor:
         """Return the reconstructor, or raise a clear error naming the method that needs it.
@@ -186,17 +208,33 @@ def mask_budget(rate: float, maskable: np.ndarray) -> np.ndarray:
     return np.floor(rate * counts.astype(np.float64) + 0.5 + 1e-9).astype(np.int64).clip(0, counts)
 
 
-def budget_mask(priority: np.ndarray, budget: np.ndarray, maskable: np.ndarray, tiebreak: np.ndarray | None = None) -> np.ndarray:
+def budget_mask(
+    priority: np.ndarray,
+    budget: np.ndarray,
+    maskable: np.ndarray,
+    tiebreak: np.ndarray | None = None,
+    units: np.ndarray | None = None,
+) -> np.ndarray:
     """Drop the ``budget[i]`` maskable positions of highest priority in each row (the shared ranking step).
 
     Ties in priority are broken by ``tiebreak`` (higher first; default: earlier position first). Every
     baseline and the learned policy (:func:`logits_to_mask`) turn their scores into masks here.
 
+    With ``units`` (the unit starts of :func:`~tokencompress_env.units.unit_starts`), whole units are
+    dropped or kept: a unit may be dropped only when all its tokens are maskable, units are ranked by the
+    mean priority of their tokens (ties: mean ``tiebreak``), and taken in that order while they fit the
+    budget; then, if the budget is not met, the best remaining unit that brings the count strictly closer
+    to it is added, unless it would leave no maskable token. The count is then as close to the budget as
+    this ranking allows, not always equal: callers report the achieved rate. With single-token units it
+    is the exact token ranking.
+
     :param priority: ``[N, L]`` float, higher = drop first (NaN counts as lowest)
     :param budget: ``[N]`` drops per row, at most the row's maskable count
     :param maskable: ``[N, L]`` bool, positions that may be dropped
     :param tiebreak: ``[N, L]`` secondary key, higher = drop first (``None``: earlier position first)
-    :return: ``[N, L]`` bool, ``True`` = dropped, exactly ``budget[i]`` per row, only at maskable positions
+    :param units: ``[N, L]`` bool unit starts (``None``: every token is a unit)
+    :return: ``[N, L]`` bool, ``True`` = dropped, exactly ``budget[i]`` per row (about, with multi-token
+        units), only at maskable positions
     """
     priority = np.nan_to_num(np.asarray(priority, dtype=np.float64), nan=-np.inf)
     maskable = np.asarray(maskable, dtype=bool)
@@ -208,11 +246,80 @@ def budget_mask(priority: np.ndarray, budget: np.ndarray, maskable: np.ndarray, 
     n, length = priority.shape
     if tiebreak is None:
         tiebreak = np.broadcast_to(-np.arange(length, dtype=np.float64), (n, length))
+    if units is not None:
+        starts = np.asarray(units, dtype=bool)
+        if starts.shape != maskable.shape:
+            raise InputError(f"units has shape {starts.shape}, expected {maskable.shape}")
+        if not starts.all():
+            return _unit_budget_mask(priority, budget, maskable, np.asarray(tiebreak, dtype=np.float64), starts)
     # np.lexsort: the last key is the primary one; all keys ascending.
     order = np.lexsort((-np.asarray(tiebreak, dtype=np.float64), -priority, ~maskable), axis=-1)
     rank = np.empty_like(order)
     np.put_along_axis(rank, order, np.broadcast_to(np.arange(length), (n, length)), axis=1)
     return (rank < budget[:, None]) & maskable
+
+
+def _unit_budget_mask(
+    priority: np.ndarray, budget: np.ndarray, maskable: np.ndarray, tiebreak: np.ndarray, starts: np.ndarray
+) -> np.ndarray:
+    """The unit ranking of :func:`budget_mask` (see there).
+
+    :param priority: ``[N, L]`` float64 (NaN already replaced)
+    :param budget: ``[N]`` token budgets
+    :param maskable: ``[N, L]`` bool
+    :param tiebreak: ``[N, L]`` float64
+    :param starts: ``[N, L]`` bool unit starts
+    :return: ``[N, L]`` bool
+    """
+    index = unit_index(starts)
+    bounded = np.clip(priority, -1e30, 1e30)
+    out = np.zeros(maskable.shape, dtype=bool)
+    for r in range(maskable.shape[0]):
+        target = int(budget[r])
+        if target == 0:
+            continue
+        idx = index[r]
+        count = int(idx[-1]) + 1
+        size = np.bincount(idx, minlength=count)
+        droppable = np.bincount(idx, weights=maskable[r], minlength=count) == size
+        mean = np.bincount(idx, weights=bounded[r], minlength=count) / size
+        tie = np.bincount(idx, weights=tiebreak[r], minlength=count) / size
+        candidates = np.flatnonzero(droppable)
+        order = candidates[np.lexsort((-tie[candidates], -mean[candidates]))]
+        n_maskable = int(size[droppable].sum())
+        chosen = np.zeros(count, dtype=bool)
+        total = 0
+        for u in order:
+            if total + size[u] <= target:
+                chosen[u] = True
+                total += int(size[u])
+                if total == target:
+                    break
+        deficit = target - total
+        if deficit > 0:
+            for u in order:
+                if not chosen[u] and size[u] < 2 * deficit and total + size[u] < n_maskable:
+                    chosen[u] = True
+                    break
+        out[r] = chosen[idx] & maskable[r]
+    return out
+
+
+def units_of_mask(mask: np.ndarray, maskable: np.ndarray, units: np.ndarray | None, tiebreak: np.ndarray | None = None) -> np.ndarray:
+    """Make a token mask drop whole units (for methods that decide token by token): the units most dropped win.
+
+    Each unit's priority is the fraction of its tokens ``mask`` drops (:func:`budget_mask` averages
+    per-token priorities), under a budget of the tokens ``mask`` drops.
+
+    :param mask: ``[N, L]`` bool token mask
+    :param maskable: ``[N, L]`` bool
+    :param units: ``[N, L]`` unit starts (``None``: returns ``mask``)
+    :param tiebreak: ``[N, L]`` secondary key (``None``: earlier first)
+    :return: ``[N, L]`` bool
+    """
+    if units is None:
+        return mask
+    return budget_mask(mask.astype(np.float64), mask.sum(axis=1), maskable, tiebreak, units)
 
 
 def _tiebreak(shape: tuple[int, ...], seed: int) -> np.ndarray:
@@ -230,6 +337,7 @@ def logits_to_mask(
     rate: float,
     valid: np.ndarray | None = None,
     force_keep: np.ndarray | None = None,
+    units: np.ndarray | None = None,
 ) -> np.ndarray:
     """Exact-rate masks from per-token mask logits (higher = drop first): the learned policy's rate control.
 
@@ -237,11 +345,12 @@ def logits_to_mask(
     :param rate: mask rate
     :param valid: ``[N, L]`` real positions (``None``: all)
     :param force_keep: ``[N, L]`` positions that must be kept (``None``: none)
+    :param units: ``[N, L]`` unit starts (see :func:`budget_mask`; ``None``: single tokens)
     :return: ``[N, L]`` bool, ``True`` = dropped
     """
     scores = logits.detach().float().cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits, dtype=np.float64)
     maskable = maskable_positions(scores, valid, force_keep)
-    return budget_mask(scores, mask_budget(rate, maskable), maskable)
+    return budget_mask(scores, mask_budget(rate, maskable), maskable, units=units)
 
 
 def policy_method(logit_fn: LogitFn) -> MaskMethod:
@@ -261,7 +370,7 @@ def policy_method(logit_fn: LogitFn) -> MaskMethod:
         ids = np.asarray(input_ids)
         valid_np = np.ones(ids.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
         logits = logit_fn(ids, valid_np, float(rate))
-        return logits_to_mask(logits, rate, valid_np, force_keep)
+        return logits_to_mask(logits, rate, valid_np, force_keep, None if context is None else context.unit_starts(ids, valid_np))
 
     return method
 
@@ -303,7 +412,7 @@ def mask_random(
     """
     maskable = maskable_positions(input_ids, valid, force_keep)
     priority = np.random.default_rng(context.seed).random(maskable.shape)
-    return budget_mask(priority, mask_budget(rate, maskable), maskable)
+    return budget_mask(priority, mask_budget(rate, maskable), maskable, units=context.unit_starts(input_ids, valid))
 
 
 def mask_frequency(
@@ -324,7 +433,7 @@ def mask_frequency(
     maskable = maskable_positions(ids, valid, force_keep)
     counts = np.asarray(context.token_counts)
     priority = counts[np.clip(ids, 0, len(counts) - 1)].astype(np.float64)
-    return budget_mask(priority, mask_budget(rate, maskable), maskable, _tiebreak(ids.shape, context.seed))
+    return budget_mask(priority, mask_budget(rate, maskable), maskable, _tiebreak(ids.shape, context.seed), context.unit_starts(ids, valid))
 
 
 def mask_length(
@@ -346,7 +455,7 @@ def mask_length(
     maskable = maskable_positions(ids, valid, force_keep)
     lengths = np.asarray(context.token_lengths)
     priority = -lengths[np.clip(ids, 0, len(lengths) - 1)].astype(np.float64)
-    return budget_mask(priority, mask_budget(rate, maskable), maskable, _tiebreak(ids.shape, context.seed))
+    return budget_mask(priority, mask_budget(rate, maskable), maskable, _tiebreak(ids.shape, context.seed), context.unit_starts(ids, valid))
 
 
 def stride_priority(maskable: np.ndarray, budget: np.ndarray) -> np.ndarray:
@@ -381,7 +490,7 @@ def mask_stride(
     """
     maskable = maskable_positions(input_ids, valid, force_keep)
     budget = mask_budget(rate, maskable)
-    return budget_mask(stride_priority(maskable, budget), budget, maskable)
+    return budget_mask(stride_priority(maskable, budget), budget, maskable, units=context.unit_starts(input_ids, valid))
 
 
 def _trivial(maskable: np.ndarray, budget: np.ndarray) -> np.ndarray | None:
@@ -455,7 +564,7 @@ def mask_self_information(
     if (trivial := _trivial(maskable, budget)) is not None:
         return trivial
     bits = self_information(rec, input_ids, valid, context.batch_size)
-    return budget_mask(-bits, budget, maskable, _tiebreak(maskable.shape, context.seed))
+    return budget_mask(-bits, budget, maskable, _tiebreak(maskable.shape, context.seed), context.unit_starts(input_ids, valid))
 
 
 def segment_budgets(maskable: np.ndarray, budget: np.ndarray, segment_len: int) -> np.ndarray:
@@ -516,7 +625,7 @@ def mask_iterative_self_information(
             chunk_mask = budget_mask(-bits, seg_budget[sl, s], maskable[sl, cols], tiebreak[sl, cols])
             masks[sl, cols] = chunk_mask
             rec.score_chunk(state, chunk, chunk_mask, chunk_valid)
-    return masks
+    return units_of_mask(masks, maskable, context.unit_starts(ids, valid_np), tiebreak)
 
 
 def mask_greedy_threshold(
@@ -564,7 +673,7 @@ def mask_greedy_threshold(
             # The scored token is now known to be dropped or kept: it is the next position's input.
             drop_t = torch.as_tensor(drop, device=state.last_input.device)
             state.last_input = torch.where(drop_t, torch.full_like(state.last_input, rec.mask_token_id), state.last_input)
-    return masks
+    return units_of_mask(masks, maskable, context.unit_starts(ids, valid_np))
 
 
 def greedy_search_masks(

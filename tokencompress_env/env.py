@@ -9,6 +9,7 @@ batched :class:`~tokencompress_env.vector_env.TokenMaskVectorEnv`: the window da
 
 from __future__ import annotations
 
+import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from tokencompress_env.errors import ConfigError, DataSourceError, InputError
 from tokencompress_env.paths import cache_root
 from tokencompress_env.reconstructor import PRESETS, SCORING_DTYPES, Reconstructor, default_reconstructor_dir, resolve_device
 from tokencompress_env.reward import EpisodeScorer, RewardConfig, StepOutcome
+from tokencompress_env.units import check_units, spread_to_units, unit_heads, unit_starts
 
 #: Decision codes in the ``decisions`` observation.
 UNDECIDED, KEPT, MASKED = 0, 1, 2
@@ -32,6 +34,8 @@ UNDECIDED, KEPT, MASKED = 0, 1, 2
 MAX_SURPRISAL_BITS = 64.0
 #: Splits a corpus provides.
 SPLITS = ("train", "validation", "test")
+#: Options of ``reset(options=...)``.
+RESET_OPTIONS = ("target_mask_rate", "window_index")
 
 _RECONSTRUCTORS: dict[tuple[str, str], Reconstructor] = {}
 _CORPORA: dict[tuple[str, str, int, str, str], np.ndarray] = {}
@@ -44,12 +48,15 @@ class WindowSet:
 
     :param token_ids: true token ids (the padding id at padded positions)
     :param valid: ``True`` at real tokens, ``False`` at right padding
-    :param force_keep: ``True`` where a token must be kept (always ``False`` at padding)
+    :param force_keep: ``True`` where a token must be kept (always ``False`` at padding; covers whole units)
+    :param heads: position of the first token of each token's unit (:mod:`tokencompress_env.units`);
+        ``None``: every token is a unit of its own
     """
 
     token_ids: np.ndarray
     valid: np.ndarray
     force_keep: np.ndarray
+    heads: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.token_ids.shape[0])
@@ -279,6 +286,7 @@ class TokenMaskCore:
         self.valid = np.zeros(shape, dtype=bool)
         self.force_keep = np.zeros(shape, dtype=bool)
         self.maskable = np.zeros(shape, dtype=bool)
+        self.heads = np.zeros(shape, dtype=np.int64)
         self.decisions = np.zeros(shape, dtype=np.int64)
         self.surprisal = np.zeros(shape, dtype=np.float32)
         self.window_index = np.zeros(batch_size, dtype=np.int64)
@@ -333,6 +341,7 @@ class TokenMaskCore:
         self.token_ids[:] = self.windows.token_ids[idx]
         self.valid[:] = self.windows.valid[idx]
         self.force_keep[:] = self.windows.force_keep[idx]
+        self.heads[:] = np.arange(self.seq_len) if self.windows.heads is None else self.windows.heads[idx]
         np.logical_and(self.valid, ~self.force_keep, out=self.maskable)
         self.decisions.fill(UNDECIDED)
         self.position = 0
@@ -356,7 +365,8 @@ class TokenMaskCore:
     def step(self, actions: np.ndarray) -> StepOutcome:
         """Apply one chunk of decisions to every row and score it.
 
-        :param actions: ``[B, chunk_size]``, nonzero = drop; padding and force-keep positions are kept anyway
+        :param actions: ``[B, chunk_size]`` of 0 (keep) and 1 (drop); padding and force-keep positions are kept
+            anyway, and a token that is not the first of its unit follows the decision of that first token
         :return: the step's rewards and masked bits
         """
         if not self.started or self.done:
@@ -364,10 +374,16 @@ class TokenMaskCore:
         act = np.asarray(actions)
         if act.shape != (self.batch_size, self.chunk_size):
             raise InputError(f"actions must have shape {(self.batch_size, self.chunk_size)}, got {act.shape}")
+        if act.dtype.kind not in "biuf" or not np.isin(act, (0, 1)).all():
+            bad = act.ravel()[0] if act.dtype.kind not in "biuf" else act[~np.isin(act, (0, 1))].ravel()[0]
+            raise InputError(f"actions must be 0 (keep) or 1 (drop), got {getattr(bad, 'item', lambda: bad)()!r} (dtype {act.dtype})")
         if self._needs_rebuild:
             self._rebuild_cache()
         p, k = self.position, self.chunk_size
-        mask = (act != 0) & self.maskable[:, p : p + k]
+        heads = self.heads[:, p : p + k]
+        rows = np.arange(self.batch_size)[:, None]
+        drop = np.where(heads >= p, act[rows, np.clip(heads - p, 0, k - 1)] != 0, self.decisions[rows, heads] == MASKED)
+        mask = drop & self.maskable[:, p : p + k]
         self.decisions[:, p : p + k] = np.where(mask, MASKED, KEPT)
         outcome = self.scorer.step(self.token_ids[:, p : p + k], mask, self.valid[:, p : p + k])
         self.position += k
@@ -416,7 +432,8 @@ class TokenMaskCore:
 
         For ``MultiBinary(k)`` MaskablePPO expects ``2 * k`` flags per row, ``[keep allowed, drop allowed]``
         for each position of the chunk: keeping is always allowed, dropping only at real, not force-kept
-        tokens. After the last chunk every drop is disallowed.
+        tokens. A token whose unit began in an earlier chunk may only follow that unit's decision. After the
+        last chunk every drop is disallowed.
 
         :return: ``[B, 2 * chunk_size]`` bool
         """
@@ -424,7 +441,13 @@ class TokenMaskCore:
         if self.done or not self.started:
             masks[:, :, 1] = False
         else:
-            masks[:, :, 1] = self.maskable[:, self.position : self.position + self.chunk_size]
+            p = self.position
+            maskable = self.maskable[:, p : p + self.chunk_size]
+            heads = self.heads[:, p : p + self.chunk_size]
+            decided = heads < p
+            head_dropped = self.decisions[np.arange(self.batch_size)[:, None], heads] == MASKED
+            masks[:, :, 1] = maskable & (~decided | head_dropped)
+            masks[:, :, 0] = ~(maskable & decided & head_dropped)
         return masks.reshape(self.batch_size, 2 * self.chunk_size)
 
     def render_text(self, row: int = 0) -> str:
@@ -471,6 +494,7 @@ def build_core(
     device: str,
     windows: np.ndarray | Sequence[Sequence[int]] | None,
     valid: np.ndarray | None,
+    units: str = "piece",
 ) -> TokenMaskCore:
     """Validate the arguments shared by the single and the vector env, load what they name, and build the core.
 
@@ -488,8 +512,19 @@ def build_core(
     :param device: where a named reconstructor runs
     :param windows: token-id windows to use instead of the corpus
     :param valid: real positions of ``windows``
+    :param units: ``"piece"`` or ``"word"``: what is dropped or kept together (:mod:`tokencompress_env.units`)
     :return: the core
     """
+    check_kwarg_types(
+        {"num_envs": batch_size, "seq_len": seq_len, "chunk_size": chunk_size},
+        {"observe_surprisal": observe_surprisal, "keep_digits": keep_digits},
+        {"corpus": corpus, "split": split, "scoring_dtype": scoring_dtype, "device": device},
+    )
+    check_units(units)
+    if not isinstance(force_keep_strings, str) and (
+        not isinstance(force_keep_strings, Sequence) or not all(isinstance(x, str) for x in force_keep_strings)
+    ):
+        raise ConfigError(f"force_keep_strings must be a string or a list of strings, got {force_keep_strings!r}")
     if batch_size < 1:
         raise ConfigError(f"num_envs must be at least 1, got {batch_size}")
     if seq_len < 1 or chunk_size < 1:
@@ -511,8 +546,43 @@ def build_core(
     if token_ids.min() < 0 or token_ids.max() >= model.vocab_size:
         raise InputError(f"token ids must lie in [0, {model.vocab_size}) for this reconstructor")
     keep = force_keep_mask(token_ids, real, model, keep_digits, tuple(force_keep_strings))
-    windows_set = WindowSet(token_ids, real, keep)
+    starts = unit_starts(token_ids, real, model.tokenizer, units)
+    windows_set = WindowSet(token_ids, real, spread_to_units(keep, starts) & real, unit_heads(starts))
     return TokenMaskCore(model, windows_set, reward_config, seq_len, chunk_size, batch_size, observe_surprisal, scoring_dtype)
+
+
+def check_kwarg_types(integers: dict[str, Any], flags: dict[str, Any], strings: dict[str, Any]) -> None:
+    """Reject environment arguments of the wrong type (``gymnasium.make`` passes them through unchecked).
+
+    :param integers: name -> value that must be an integer (not a bool)
+    :param flags: name -> value that must be a bool (``"no"`` is not one)
+    :param strings: name -> value that must be a string
+    """
+    for name, value in integers.items():
+        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+            raise ConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+    for name, value in flags.items():
+        if not isinstance(value, (bool, np.bool_)):
+            raise ConfigError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    for name, value in strings.items():
+        if not isinstance(value, str):
+            raise ConfigError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
+
+
+def check_reset_options(options: dict[str, Any] | None) -> dict[str, Any]:
+    """Reject unknown ``reset`` options.
+
+    :param options: the options (``None``: none)
+    :return: the options as a dict
+    """
+    if options is None:
+        return {}
+    if not isinstance(options, dict):
+        raise InputError(f"reset options must be a dict, got {type(options).__name__}")
+    unknown = sorted(str(k) for k in options if k not in RESET_OPTIONS)
+    if unknown:
+        raise InputError(f"unknown reset option(s) {unknown}; valid options: {', '.join(RESET_OPTIONS)}")
+    return options
 
 
 def check_mask_rate_range(mask_rate_range: Sequence[float]) -> tuple[float, float]:
@@ -571,9 +641,14 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
 
     ## Action Space
 
-    ``MultiBinary(chunk_size)``: entry ``j`` is 1 to drop token ``position + j``, 0 to keep it. Padding
+    ``MultiBinary(chunk_size)``: entry ``j`` is 1 to drop token ``position + j``, 0 to keep it (anything
+    else, another shape, NaN or a string is an :class:`~tokencompress_env.errors.InputError`). Padding
     positions and force-kept tokens (special tokens; digits with ``keep_digits=True``; occurrences of
-    ``force_keep_strings``) are kept whatever the action says. :meth:`action_masks` gives the valid
+    ``force_keep_strings``) are kept whatever the action says. Tokens are decided in *units*
+    (``units``, :mod:`tokencompress_env.units`): with ``"piece"`` (default) the tokens of one character
+    (a CJK character or an emoji can take several byte-level tokens), with ``"word"`` the tokens of one
+    word. The action at a unit's first token decides the whole unit; the actions at its other tokens are
+    ignored, as at force-kept tokens, and a unit with a force-kept token is force-kept whole. :meth:`action_masks` gives the valid
     actions in sb3-contrib's format for ``MultiBinary``: ``2 * chunk_size`` flags, ``[keep allowed,
     drop allowed]`` per position.
 
@@ -629,7 +704,8 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
     ## Starting State
 
     ``reset`` draws the window and the target from the env's ``np_random`` (both are always drawn).
-    ``reset(options={"target_mask_rate": r})`` fixes the target, ``options={"window_index": i}`` the window.
+    ``reset(options={"target_mask_rate": r})`` fixes the target, ``options={"window_index": i}`` the window;
+    any other option is an error.
 
     ## Episode End
 
@@ -650,6 +726,7 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
     * ``mask_rate_range=(0.2, 0.8)``: the uniform range of the episode's target
     * ``observe_surprisal=False``: add the ``surprisal`` observation (one extra forward per episode)
     * ``keep_digits=False``, ``force_keep_strings=()``: force-keep rules
+    * ``units="piece"``: ``"piece"`` (whole characters) or ``"word"`` (whole words), see Action Space
     * ``bits_saved_per_mask=8.0``, ``surprisal_clip=20.0``, ``mask_bonus=1.0``, ``wrong_penalty=2.0``,
       ``rate_penalty=None``, ``reward_scale=None``: reward coefficients (see Rewards)
     * ``device="auto"``: where a named reconstructor runs
@@ -696,6 +773,7 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
     :param windows: (direct construction) token-id windows replacing the corpus
     :param valid: (direct construction) real positions of ``windows``
     :param render_mode: ``None`` or ``"ansi"`` (the window as text, dropped tokens as the mask token)
+    :param units: what is dropped or kept together: ``"piece"`` (whole characters) or ``"word"``
     """
 
     metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 4}  # noqa: RUF012 - Gymnasium's convention
@@ -723,6 +801,7 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
         windows: np.ndarray | Sequence[Sequence[int]] | None = None,
         valid: np.ndarray | None = None,
         render_mode: str | None = None,
+        units: str = "piece",
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ConfigError(f"render_mode must be None or one of {self.metadata['render_modes']}, got '{render_mode}'")
@@ -746,8 +825,10 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
             device=device,
             windows=windows,
             valid=valid,
+            units=units,
         )
         self.seq_len, self.chunk_size = seq_len, chunk_size
+        self.units = units
         self.observation_space = self.core.observation_space  # type: ignore[assignment]
         self.action_space = self.core.action_space
 
@@ -764,8 +845,8 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
         :param options: ``{"target_mask_rate": r, "window_index": i}``, both optional
         :return: the first observation and the info
         """
+        options = check_reset_options(options)
         super().reset(seed=seed)
-        options = options or {}
         index, target = draw_episode(
             self.np_random, self.num_windows, self.mask_rate_range, options.get("target_mask_rate"), options.get("window_index")
         )
@@ -775,10 +856,13 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict[str, Any]]:
         """Decide the next chunk: drop the tokens whose action is 1 (unless force-kept or padding).
 
-        :param action: ``chunk_size`` binary decisions
+        :param action: ``chunk_size`` binary decisions, shape ``(chunk_size,)``
         :return: observation, reward, terminated, truncated, info
         """
-        outcome = self.core.step(np.asarray(action).reshape(1, -1))
+        act = np.asarray(action)
+        if act.shape != (self.chunk_size,):
+            raise InputError(f"action must have shape ({self.chunk_size},): one 0 (keep) or 1 (drop) per token, got {act.shape}")
+        outcome = self.core.step(act[None])
         return self._obs(), float(outcome.reward[0]), bool(self.core.done), False, self._info()
 
     def action_masks(self) -> np.ndarray:

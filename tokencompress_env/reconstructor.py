@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from transformers import AutoModelForCausalLM, AutoTokenizer, GPT2Config, GPT2LMHeadModel, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.activations import ACT2FN, NewGELUActivation
 
-from tokencompress_env.errors import ReconstructorLoadError
+from tokencompress_env.errors import ConfigError, ReconstructorLoadError
 from tokencompress_env.paths import cache_root
 from tokencompress_env.tokenizer import ensure_special_tokens
 
@@ -69,16 +69,43 @@ def resolve_device(device: str | torch.device = "auto") -> torch.device:
 
     :param device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"``, ``"mps"`` or a device
     :return: the device
+    :raises ConfigError: for an unknown device, or one this machine does not have (``"cuda"`` without a GPU)
     """
     if isinstance(device, torch.device):
         return device
+    mps_available = getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
     if device == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        if mps_available:
             return torch.device("mps")
         return torch.device("cpu")
-    return torch.device(device)
+    resolved = parse_device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device {device!r} is not available on this machine (torch sees no CUDA GPU): use --device cpu or auto")
+    if resolved.type == "cuda" and resolved.index is not None and resolved.index >= torch.cuda.device_count():
+        raise ConfigError(f"device {device!r} does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s)")
+    if resolved.type == "mps" and not mps_available:
+        raise ConfigError(f"device {device!r} is not available on this machine (no Apple MPS): use --device cpu or auto")
+    return resolved
+
+
+def parse_device(device: str) -> torch.device:
+    """Check a device name without asking whether this machine has it (configs for other machines validate).
+
+    :param device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` or ``"mps"``
+    :return: the device (``cpu`` for ``"auto"``)
+    :raises ConfigError: for a name torch does not know or this project does not run on
+    """
+    if device == "auto":
+        return torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"unknown device {device!r}: use auto, cpu, cuda (or cuda:N) or mps") from None
+    if resolved.type not in {"cpu", "cuda", "mps"}:
+        raise ConfigError(f"unsupported device {device!r}: use auto, cpu, cuda (or cuda:N) or mps")
+    return resolved
 
 
 #: Names accepted by :func:`resolve_scoring_dtype` (the ``scoring_dtype`` of TokenMask-v0).

@@ -24,7 +24,7 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from tokencompress_env.env import CoreAccess, build_core, check_mask_rate_range, draw_episode
+from tokencompress_env.env import CoreAccess, build_core, check_mask_rate_range, check_reset_options, draw_episode
 from tokencompress_env.errors import InputError
 from tokencompress_env.reconstructor import Reconstructor
 from tokencompress_env.reward import RewardConfig
@@ -76,6 +76,7 @@ class TokenMaskVectorEnv(CoreAccess, VectorEnv[dict[str, np.ndarray], np.ndarray
         ``"bfloat16"`` or ``"float16"``
     :param windows: (direct construction) token-id windows replacing the corpus
     :param valid: (direct construction) real positions of ``windows``
+    :param units: what is dropped or kept together: ``"piece"`` (whole characters) or ``"word"``
     """
 
     metadata: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}  # noqa: RUF012 - Gymnasium's convention
@@ -103,6 +104,7 @@ class TokenMaskVectorEnv(CoreAccess, VectorEnv[dict[str, np.ndarray], np.ndarray
         scoring_dtype: str = "auto",
         windows: np.ndarray | Sequence[Sequence[int]] | None = None,
         valid: np.ndarray | None = None,
+        units: str = "piece",
     ) -> None:
         self.mask_rate_range = check_mask_rate_range(mask_rate_range)
         self.reward_config = RewardConfig(
@@ -123,6 +125,7 @@ class TokenMaskVectorEnv(CoreAccess, VectorEnv[dict[str, np.ndarray], np.ndarray
             device=device,
             windows=windows,
             valid=valid,
+            units=units,
         )
         self.num_envs = num_envs
         self.seq_len, self.chunk_size = seq_len, chunk_size
@@ -163,6 +166,7 @@ class TokenMaskVectorEnv(CoreAccess, VectorEnv[dict[str, np.ndarray], np.ndarray
         :param options: ``target_mask_rate`` and ``window_index``, each a scalar or one value per row (``None``: draw)
         :return: the batched observation and infos
         """
+        options = check_reset_options(options)
         if isinstance(seed, int):
             seeds: list[int | None] = [seed + i for i in range(self.num_envs)]
         elif seed is None:
@@ -175,7 +179,6 @@ class TokenMaskVectorEnv(CoreAccess, VectorEnv[dict[str, np.ndarray], np.ndarray
         for i, s in enumerate(seeds):
             if s is not None:
                 self._row_rngs[i] = seeding.np_random(s)[0]
-        options = options or {}
         self._start(
             _per_row(options.get("target_mask_rate"), self.num_envs, "target_mask_rate"),
             _per_row(options.get("window_index"), self.num_envs, "window_index"),
