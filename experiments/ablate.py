@@ -26,6 +26,7 @@ Examples::
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import time
 from collections.abc import Sequence
@@ -50,6 +51,9 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill_ppo_decisions": {"use_decisions": True},
 }
 
+#: Variants that continue the ``distill_only`` run of their seed rather than distilling again.
+SHARED_DISTILLATION = ("distill_ppo", "distill_ppo_frozen")
+
 
 @dataclass
 class AblateConfig:
@@ -66,6 +70,8 @@ class AblateConfig:
     :param baselines: baselines evaluated beside the variants (on the same windows)
     :param device: ``auto``, ``cpu``, ``cuda`` or ``mps``
     :param progress_bar: show progress bars
+    :param train_only: train the runs and stop (e.g. one process per seed in parallel; a later call
+        without it reuses the finished runs and evaluates)
     """
 
     config: str = str(ROOT / "configs" / "dev" / "ablation.json")
@@ -79,6 +85,7 @@ class AblateConfig:
     baselines: list[str] = field(default_factory=lambda: ["frequency", "self_information"])
     device: str = "auto"
     progress_bar: bool = False
+    train_only: bool = False
 
     def validate(self) -> None:
         """Reject unknown variants and an empty seed list."""
@@ -101,8 +108,31 @@ def run_name(variant: str, seed: int) -> str:
     return f"{variant}__s{seed}"
 
 
+def _branch_from_distillation(source: Path, target: Path, values: dict[str, Any]) -> None:
+    """Start a run from a finished distillation-only run: its checkpoint, with the variant's config.
+
+    The distilled policy, the untouched reconstructor and the frozen reference are copied; the copy is an
+    unfinished run (no published result at its root) whose ``config.json`` is the variant's, so that
+    ``train_ppo``'s resume continues it with the variant's PPO settings.
+
+    :param source: the finished ``distill_only`` run of the same seed
+    :param target: the new run folder (must not exist)
+    :param values: the variant's resolved training config
+    """
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    shutil.copytree(source / "checkpoints", partial / "checkpoints")
+    shutil.copytree(source / "reference_reconstructor", partial / "reference_reconstructor")
+    (partial / "config.json").write_text(json.dumps(values, indent=2, sort_keys=True))
+    partial.rename(target)
+
+
 def train_variant(config: AblateConfig, variant: str, seed: int) -> Path:
     """Train one variant with one seed (reusing a finished run, resuming an interrupted one).
+
+    The variants of :data:`SHARED_DISTILLATION` continue the finished ``distill_only`` run of the same seed
+    (trained first when missing) instead of distilling again: the same distilled policy, so that their
+    differences come from what follows the distillation alone.
 
     :param config: the ablation's options
     :param variant: a key of :data:`VARIANTS`
@@ -116,6 +146,11 @@ def train_variant(config: AblateConfig, variant: str, seed: int) -> Path:
     run_dir = train_config.run_dir
     if (run_dir / "agent.zip").exists():
         return run_dir
+    if variant in SHARED_DISTILLATION and train_config.distill_steps > 0 and not run_dir.exists():
+        source = train_variant(config, "distill_only", seed)
+        resolved = asdict(train_config)
+        resolved.pop("trust_agent_pickle", None)
+        _branch_from_distillation(source, run_dir, resolved)
     train_config.resume = (run_dir / "checkpoints" / "latest" / "state.json").exists()
     summary = train(train_config)
     if summary["interrupted"]:
@@ -189,6 +224,8 @@ def ablate(config: AblateConfig) -> dict[str, Any]:
         for seed in config.seeds:
             print(f"=== {variant}, seed {seed} ===", flush=True)
             run_dirs.append(str(train_variant(config, variant, seed)))
+        if config.train_only:
+            continue
         results[variant] = run_evaluation(
             EvaluateConfig(
                 run=run_dirs,
@@ -201,6 +238,8 @@ def ablate(config: AblateConfig) -> dict[str, Any]:
                 device=config.device,
             )
         )
+    if config.train_only:
+        return {"trained": [run_name(v, s) for v in config.variants for s in config.seeds]}
     rows = ablation_rows(results, config.baselines, config.mask_rates)
     summary = {"config": asdict(config), "split": config.split, "rows": rows, "seconds": time.perf_counter() - started}
     out.mkdir(parents=True, exist_ok=True)

@@ -460,7 +460,11 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
         if bundle_or_none is not None and bundle_or_none.joint is not None:
             scorers["joint"] = bundle_or_none.joint
         context = MethodContext(
-            reconstructor=rec, token_counts=token_counts, seed=config.seed, batch_size=config.batch_size, segment_len=config.segment_len,
+            reconstructor=rec,
+            token_counts=token_counts,
+            seed=config.seed,
+            batch_size=config.batch_size,
+            segment_len=config.segment_len,
             units=config.units,
         )
         methods: dict[str, MaskMethod | None] = {}
@@ -479,9 +483,7 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
             print(f"run {bundle_or_none.run_dir} (seed {_run_seed(bundle_or_none)})", flush=True)
         cache = mask_caches.setdefault(weights_fingerprint(rec), {})
         runs.append(
-            compute_method_stats(
-                methods, windows, scorers, rates, context, None, config.batch_size, True, reader, search_index, cache
-            )
+            compute_method_stats(methods, windows, scorers, rates, context, None, config.batch_size, True, reader, search_index, cache)
         )
     records = build_records(
         runs,

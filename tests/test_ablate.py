@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -14,13 +15,23 @@ ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "experiments" / "configs" / "dev" / "debug.json"
 
 
-def test_ablation_trains_each_variant_and_tabulates(tmp_path: Path, test_reconstructor_dir: Path) -> None:
+def test_ablation_trains_each_variant_and_tabulates(tmp_path: Path, test_reconstructor_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import experiments.train_ppo as train_ppo
+
+    distillations: list[int] = []
+    real_distill = train_ppo.distill_policy
+
+    def counting_distill(*args: Any, **kwargs: Any) -> Any:
+        distillations.append(kwargs["seed"])
+        return real_distill(*args, **kwargs)
+
+    monkeypatch.setattr(train_ppo, "distill_policy", counting_distill)
     base = json.loads(DEBUG.read_text()) | {"distill_steps": 2, "total_timesteps": 64, "tensorboard": False}
     config_file = tmp_path / "base.json"
     config_file.write_text(json.dumps(base))
     config = AblateConfig(
         config=str(config_file),
-        variants=["distill_only", "distill_ppo_decisions"],
+        variants=["distill_only", "distill_ppo", "distill_ppo_decisions"],
         seeds=[0, 1],
         runs_dir=str(tmp_path / "runs"),
         max_windows=6,
@@ -34,8 +45,13 @@ def test_ablation_trains_each_variant_and_tabulates(tmp_path: Path, test_reconst
         assert len(cell["seeds"]) == 2 and cell["std"] >= 0
         for baseline in ("frequency", "self_information"):
             assert cell["vs"][baseline]["difference"] is not None
-    # the variants really differ in what was trained
+    # distill_ppo continued each seed's distill_only run; the decision-aware policy distilled its own
+    assert sorted(distillations) == [0, 0, 1, 1]
     runs = tmp_path / "runs"
+    branched = json.loads((runs / "distill_ppo__s1" / "state.json").read_text())
+    assert branched["num_timesteps"] >= 64
+    assert json.loads((runs / "distill_ppo__s1" / "config.json").read_text())["total_timesteps"] == 64
+    # the variants really differ in what was trained
     distill_only = json.loads((runs / "distill_only__s1" / "config.json").read_text())
     assert distill_only["total_timesteps"] == 0 and distill_only["seed"] == 1
     assert json.loads((runs / "distill_ppo_decisions__s0" / "config.json").read_text())["use_decisions"] is True
