@@ -16,11 +16,16 @@ each variant's bits per dropped token, mean ± standard deviation over the seeds
 to each baseline on the same windows (per-window figures averaged over the seeds, then a 95 % bootstrap
 interval over documents: :mod:`tokencompress_env.evaluation`).
 
+The base config defaults to the quickstart's (``configs/dev/small_scale.json``), so ``distill_ppo`` is
+the quickstart's configuration. ``distill_ppo`` and ``distill_ppo_frozen`` continue the ``distill_only``
+run of their seed, so each seed distils twice (the decision-aware policy has its own network).
+
 Examples::
 
-    python -m experiments.ablate                                          # the default budget, 3 seeds
-    python -m experiments.ablate --variants distill_only distill_ppo --seeds 0 1 2
-    python -m experiments.ablate --config experiments/configs/dev/debug.json --seeds 0 --max_windows 8   # seconds
+    python -m experiments.ablate                                          # 5 variants x 3 seeds
+    for s in 0 1 2; do python -m experiments.ablate --seeds $s --train_only true & done; wait   # one process per seed
+    python -m experiments.ablate                                          # then: evaluate the finished runs
+    python -m experiments.ablate --base_config experiments/configs/dev/debug.json --seeds 0 --max_windows 8   # seconds
 """
 
 from __future__ import annotations
@@ -59,7 +64,7 @@ SHARED_DISTILLATION = ("distill_ppo", "distill_ppo_frozen")
 class AblateConfig:
     """Options of ``experiments.ablate``.
 
-    :param config: JSON config of the training runs (the base every variant changes)
+    :param base_config: JSON config of the training runs (the base every variant changes)
     :param variants: variants to run (see :data:`VARIANTS`)
     :param seeds: seeds of each variant
     :param runs_dir: parent folder of the ablation's runs
@@ -74,7 +79,7 @@ class AblateConfig:
         without it reuses the finished runs and evaluates)
     """
 
-    config: str = str(ROOT / "configs" / "dev" / "ablation.json")
+    base_config: str = str(ROOT / "configs" / "dev" / "small_scale.json")
     variants: list[str] = field(default_factory=lambda: list(VARIANTS))
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     runs_dir: str = "runs/ablate"
@@ -139,7 +144,7 @@ def train_variant(config: AblateConfig, variant: str, seed: int) -> Path:
     :param seed: the seed
     :return: the run folder
     """
-    values = load_config_file(config.config) | VARIANTS[variant]
+    values = load_config_file(config.base_config) | VARIANTS[variant]
     values |= {"run_name": run_name(variant, seed), "runs_dir": config.runs_dir, "seed": seed, "device": config.device}
     values["progress_bar"] = config.progress_bar
     train_config = build_config(TrainConfig, values, where=f"variant '{variant}'")

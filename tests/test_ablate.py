@@ -30,7 +30,7 @@ def test_ablation_trains_each_variant_and_tabulates(tmp_path: Path, test_reconst
     config_file = tmp_path / "base.json"
     config_file.write_text(json.dumps(base))
     config = AblateConfig(
-        config=str(config_file),
+        base_config=str(config_file),
         variants=["distill_only", "distill_ppo", "distill_ppo_decisions"],
         seeds=[0, 1],
         runs_dir=str(tmp_path / "runs"),
