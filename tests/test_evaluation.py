@@ -119,7 +119,7 @@ def test_achieved_rate_is_reported_honestly(windows: np.ndarray, context: Method
 def test_deterministic(windows: np.ndarray, context: MethodContext, test_reconstructor: Reconstructor) -> None:
     def run() -> list[dict]:
         out = evaluate({"random": BASELINES["random"]}, windows, {"reference": test_reconstructor}, [0.4], context, n_boot=100, seed=3)
-        return [{k: v for k, v in r.items() if k != "tokens_per_second"} for r in out]
+        return [{k: v for k, v in r.items() if k not in {"tokens_per_second", "mask_seconds"}} for r in out]  # timings vary
 
     assert run() == run()
 
