@@ -14,8 +14,8 @@ inference, loaded without unpickling), ``agent.zip``, ``reconstructor/``, ``reco
 and ``state.json``. ``--resume true`` continues from the latest checkpoint (distillation from its step
 with its optimizer, then PPO: step counter, TensorBoard curves, agent, reconstructor and its optimizer);
 it unpickles the checkpoint's ``agent.zip`` only if its SHA-256 is the one recorded in ``state.json``.
-Only ``total_timesteps``, ``save_freq``, ``distill_save_freq``, ``device``, ``tensorboard``, ``progress_bar``,
-``verbose`` and ``trust_agent_pickle`` may
+Only the budgets (``total_timesteps``, ``distill_steps``), ``save_freq``, ``distill_save_freq``, ``device``,
+``tensorboard``, ``progress_bar``, ``verbose`` and ``trust_agent_pickle`` may
 change on a resume: the run's own ``config.json`` supplies every other option, so ``--runs_dir``,
 ``--run_name`` and ``--resume true`` are enough.
 
@@ -88,6 +88,7 @@ RESUME_MAY_CHANGE = (
     "runs_dir",
     "resume",
     "total_timesteps",
+    "distill_steps",
     "save_freq",
     "distill_save_freq",
     "device",
