@@ -214,6 +214,30 @@ def ablation_rows(results: dict[str, list[dict[str, Any]]], baselines: Sequence[
     return rows
 
 
+def _finished_evaluation(folder: Path, run_dirs: list[str], config: AblateConfig) -> list[dict[str, Any]] | None:
+    """The records of an earlier evaluation of the same runs, split, rates and methods, if one was written.
+
+    :param folder: the variant's evaluation folder
+    :param run_dirs: the variant's runs
+    :param config: the ablation's options
+    :return: the records, or ``None`` when they must be computed
+    """
+    path = folder / "results.json"
+    if not path.is_file():
+        return None
+    records = json.loads(path.read_text())
+    runs = {r.get("run") for r in records} - {POOLED}
+    methods = {r.get("method") for r in records}
+    rates = {r.get("requested_mask_rate") for r in records}
+    same = (
+        runs == set(run_dirs)
+        and methods == {"policy", *config.baselines}
+        and rates == set(config.mask_rates)
+        and all(r.get("split") == config.split and r.get("windows") for r in records)
+    )
+    return records if same else None
+
+
 def ablate(config: AblateConfig) -> dict[str, Any]:
     """Train and evaluate every variant with every seed; write and return the table.
 
@@ -230,6 +254,10 @@ def ablate(config: AblateConfig) -> dict[str, Any]:
             print(f"=== {variant}, seed {seed} ===", flush=True)
             run_dirs.append(str(train_variant(config, variant, seed)))
         if config.train_only:
+            continue
+        done = _finished_evaluation(out / variant, run_dirs, config)
+        if done is not None:
+            results[variant] = done
             continue
         results[variant] = run_evaluation(
             EvaluateConfig(

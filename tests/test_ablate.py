@@ -57,7 +57,10 @@ def test_ablation_trains_each_variant_and_tabulates(tmp_path: Path, test_reconst
     assert json.loads((runs / "distill_ppo_decisions__s0" / "config.json").read_text())["use_decisions"] is True
     table = (runs / "results" / "ablation.md").read_text()
     assert "validation split" in table and "| distill_ppo_decisions |" in table and "| self_information |" in table
-    # a second call reuses the finished runs
+    # a second call reuses the finished runs and their evaluations
+    import experiments.ablate as ablate_module
+
+    monkeypatch.setattr(ablate_module, "run_evaluation", lambda *a, **k: pytest.fail("evaluated again"))
     assert ablate(config)["rows"]["distill_only"]["0.4"]["mean"] == pytest.approx(rows["distill_only"]["0.4"]["mean"])
 
 
