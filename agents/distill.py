@@ -10,7 +10,9 @@ r* (not given the full original text, as Selective Context ranks). The context i
 will really meet), and otherwise a random mask at rate r; fresh contexts every batch, so the labels
 average over the contexts a token meets. The loss is binary
 cross-entropy between the policy's mask logits (:meth:`token_mask_logits`) and those labels, on the
-maskable positions only. PPO then fine-tunes the warm-started policy on the real reward.
+maskable positions only (``target="rank"``); ``target="cost"`` instead regresses ``-logit`` on each
+token's surprisal in that context, so the logits order tokens by predicted cost at every rate. PPO then
+fine-tunes the warm-started policy on the real reward.
 """
 
 from __future__ import annotations
