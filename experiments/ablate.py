@@ -214,28 +214,21 @@ def ablation_rows(results: dict[str, list[dict[str, Any]]], baselines: Sequence[
     return rows
 
 
-def _finished_evaluation(folder: Path, run_dirs: list[str], config: AblateConfig) -> list[dict[str, Any]] | None:
-    """The records of an earlier evaluation of the same runs, split, rates and methods, if one was written.
+def _finished_evaluation(eval_config: EvaluateConfig) -> list[dict[str, Any]] | None:
+    """The records of an earlier evaluation with the same options (its ``eval_config.json``), if one was written.
 
-    :param folder: the variant's evaluation folder
-    :param run_dirs: the variant's runs
-    :param config: the ablation's options
-    :return: the records, or ``None`` when they must be computed
+    :param eval_config: the evaluation about to run
+    :return: its records, or ``None`` when they must be computed
     """
-    path = folder / "results.json"
-    if not path.is_file():
+    folder = Path(str(eval_config.out))
+    if not (folder / "results.json").is_file() or not (folder / "eval_config.json").is_file():
         return None
-    records = json.loads(path.read_text())
-    runs = {r.get("run") for r in records} - {POOLED}
-    methods = {r.get("method") for r in records}
-    rates = {r.get("requested_mask_rate") for r in records}
-    same = (
-        runs == set(run_dirs)
-        and methods == {"policy", *config.baselines}
-        and rates == set(config.mask_rates)
-        and all(r.get("split") == config.split and r.get("windows") for r in records)
-    )
-    return records if same else None
+    saved = json.loads((folder / "eval_config.json").read_text())
+    wanted = json.loads(json.dumps(asdict(eval_config)))
+    if any(saved.get(k) != v for k, v in wanted.items() if k != "device"):
+        return None
+    records: list[dict[str, Any]] = json.loads((folder / "results.json").read_text())
+    return records
 
 
 def ablate(config: AblateConfig) -> dict[str, Any]:
@@ -255,22 +248,17 @@ def ablate(config: AblateConfig) -> dict[str, Any]:
             run_dirs.append(str(train_variant(config, variant, seed)))
         if config.train_only:
             continue
-        done = _finished_evaluation(out / variant, run_dirs, config)
-        if done is not None:
-            results[variant] = done
-            continue
-        results[variant] = run_evaluation(
-            EvaluateConfig(
-                run=run_dirs,
-                split=config.split,
-                mask_rates=list(config.mask_rates),
-                methods=["policy", *config.baselines],
-                max_windows=config.max_windows,
-                continuation_tokens=0,
-                out=str(out / variant),
-                device=config.device,
-            )
+        eval_config = EvaluateConfig(
+            run=run_dirs,
+            split=config.split,
+            mask_rates=list(config.mask_rates),
+            methods=["policy", *config.baselines],
+            max_windows=config.max_windows,
+            continuation_tokens=0,
+            out=str(out / variant),
+            device=config.device,
         )
+        results[variant] = _finished_evaluation(eval_config) or run_evaluation(eval_config)
     if config.train_only:
         return {"trained": [run_name(v, s) for v in config.variants for s in config.seeds]}
     rows = ablation_rows(results, config.baselines, config.mask_rates)

@@ -60,8 +60,20 @@ def test_ablation_trains_each_variant_and_tabulates(tmp_path: Path, test_reconst
     # a second call reuses the finished runs and their evaluations
     import experiments.ablate as ablate_module
 
-    monkeypatch.setattr(ablate_module, "run_evaluation", lambda *a, **k: pytest.fail("evaluated again"))
+    evaluations: list[object] = []
+    real_evaluation = ablate_module.run_evaluation
+
+    def counting_evaluation(eval_config: Any) -> Any:
+        evaluations.append(eval_config)
+        return real_evaluation(eval_config)
+
+    monkeypatch.setattr(ablate_module, "run_evaluation", counting_evaluation)
     assert ablate(config)["rows"]["distill_only"]["0.4"]["mean"] == pytest.approx(rows["distill_only"]["0.4"]["mean"])
+    assert evaluations == []
+    # other evaluation options: evaluated again
+    config.max_windows = 4
+    ablate(config)
+    assert len(evaluations) == len(config.variants)
 
 
 def test_unknown_variant_is_rejected() -> None:
