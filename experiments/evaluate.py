@@ -21,7 +21,8 @@ Several ``--run`` folders (seeds of one configuration) are evaluated on the same
 hold each run's figures and the pooled ones (see :mod:`tokencompress_env.evaluation`). Every interval is
 a bootstrap over the documents the windows come from. A downstream LM (``--downstream_lm``, default: the
 first run's reference reconstructor read as a plain causal LM) scores the ``--continuation_tokens``
-tokens after each window given the full, compressed (deleted / placeholders) and empty window. The
+tokens after each window given the full, compressed (deleted / placeholders) and empty window, each
+context cut to its last ``--downstream_context`` tokens (default: what fits in the LM's training window). The
 ``search`` reference (greedy deletion with full re-scoring) is slow: it runs only when named in
 ``--methods``, on ``--search_windows`` windows spread over the evaluated ones.
 
@@ -112,6 +113,9 @@ class EvaluateConfig:
     :param continuation_tokens: tokens after each window scored by the downstream LM (0: no downstream reading)
     :param downstream_lm: the downstream causal LM: a local directory or hub name (default: the run's reference
         reconstructor read as a plain causal LM; in baselines-only mode, the given reconstructor)
+    :param downstream_context: most recent context tokens the downstream LM reads before the continuation
+        (default: the window length it was trained on less ``continuation_tokens``, e.g. 96 for the ``tiny``
+        preset's 128-token windows; without build facts, its whole context less the continuation)
     :param search_windows: windows the ``search`` bound runs on (spread over the evaluated ones); about
         ``m * k`` window forward passes each (minutes per 128-token window on a CPU)
     :param units: what every method drops or keeps together: ``piece`` (whole characters) or ``word``
@@ -135,6 +139,7 @@ class EvaluateConfig:
     title: str = ""
     continuation_tokens: int = 32
     downstream_lm: str | None = None
+    downstream_context: int | None = None
     search_windows: int = 32
     units: str = "piece"
 
@@ -156,6 +161,8 @@ class EvaluateConfig:
             raise ConfigError("method 'policy' needs a trained run: pass --run DIR (or leave 'policy' out of --methods)")
         if self.split not in {"test", "validation", "train"}:
             raise ConfigError(f"split must be 'test' or 'validation' (or 'train'), got '{self.split}'")
+        if self.downstream_context is not None and self.downstream_context < 0:
+            raise ConfigError(f"downstream_context must be >= 0, got {self.downstream_context}")
         for key in ("max_windows", "seq_len"):
             value = getattr(self, key)
             if value is not None and value <= 0:
@@ -263,6 +270,31 @@ def build_info(reconstructor_dir: Path | None) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return info if isinstance(info, dict) else {}
+
+
+def downstream_context_tokens(lm: Reconstructor, info: dict[str, Any], continuation_tokens: int, requested: int | None) -> int:
+    """How many context tokens the downstream LM reads before a continuation.
+
+    Context plus continuation stay within the window length the LM was trained on (``build_config.seq_len``
+    of its build facts; its whole context when unknown, e.g. for a hub model): at positions it never
+    saw in training a small LM predicts worse, so a longer context would blur the reading.
+
+    :param lm: the downstream LM
+    :param info: its build facts (``tokencompress.json``), or ``{}``
+    :param continuation_tokens: continuation tokens per window
+    :param requested: an explicit cap (``--downstream_context``), itself capped by the model's context
+    :return: context tokens (at least 0)
+    :raises ConfigError: when the continuation alone does not fit
+    """
+    built = info.get("build_config") if isinstance(info.get("build_config"), dict) else {}
+    trained = int(built.get("seq_len") or lm.max_seq_len) if isinstance(built, dict) else lm.max_seq_len
+    room = min(trained, lm.max_seq_len) - continuation_tokens
+    if room < 0 or (requested is not None and requested + continuation_tokens > lm.max_seq_len):
+        raise ConfigError(
+            f"{continuation_tokens} continuation tokens (plus {requested or 0} context tokens) exceed the downstream LM's "
+            f"context of {min(trained, lm.max_seq_len)} tokens: pass a smaller --continuation_tokens or --downstream_context"
+        )
+    return room if requested is None else int(requested)
 
 
 def spread_index(n: int, max_windows: int | None) -> np.ndarray:
@@ -402,8 +434,11 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
         )
 
     downstream = None
+    downstream_info: dict[str, Any] = {}
     if config.continuation_tokens > 0 and config.downstream_lm:  # loaded first: a wrong name fails fast
         downstream = Reconstructor.from_pretrained(config.downstream_lm, device=config.device)
+        path = Path(config.downstream_lm).expanduser()
+        downstream_info = build_info(path if path.is_dir() else _preset_dir(config.downstream_lm))
 
     if config.data:
         all_windows, all_docs = file_windows_with_docs(config.data, reference, seq_len)
@@ -421,22 +456,26 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
 
     reader = None
     downstream_name = ""
+    downstream_context = 0
     if config.continuation_tokens > 0:
         if downstream is not None:
             downstream_name = str(config.downstream_lm)
         else:
             downstream = reference
+            downstream_info = {"build_config": {"seq_len": train_seq_len}}  # the reference's training window
             downstream_name = (
                 f"reference reconstructor of {bundles[0].run_dir.name}" if bundles else f"reconstructor {config.reconstructor or 'tiny'}"
             )
-        if seq_len + config.continuation_tokens > downstream.max_seq_len:
-            raise ConfigError(
-                f"a {seq_len}-token window plus {config.continuation_tokens} continuation tokens exceeds the downstream LM's context "
-                f"of {downstream.max_seq_len}: pass a smaller --continuation_tokens"
-            )
+        downstream_context = downstream_context_tokens(downstream, downstream_info, config.continuation_tokens, config.downstream_context)
         continuations, available = window_continuations(all_windows, all_docs, config.continuation_tokens)
         reader = DownstreamReader(
-            downstream, reference.tokenizer, continuations[index], available[index], config.batch_size, downstream_name
+            downstream,
+            reference.tokenizer,
+            continuations[index],
+            available[index],
+            config.batch_size,
+            downstream_name,
+            max_context=downstream_context,
         )
 
     token_counts = None
@@ -495,7 +534,13 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
     )
     split_name = "data file" if config.data else config.split
     for r in records:
-        r.update(data=data_name, split=split_name, downstream_lm=downstream_name or None, continuation_tokens=config.continuation_tokens)
+        r.update(
+            data=data_name,
+            split=split_name,
+            downstream_lm=downstream_name or None,
+            continuation_tokens=config.continuation_tokens,
+            downstream_context=downstream_context,
+        )
     out = Path(config.out)
     out.mkdir(parents=True, exist_ok=True)
     title = config.title or f"Compression at matched mask rates: {Path(data_name).name if config.data else data_name}"

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from experiments.config import cli_main
-from experiments.evaluate import EvaluateConfig, file_windows, load_run, main, spread
+from experiments.evaluate import EvaluateConfig, downstream_context_tokens, file_windows, load_run, main, spread
 from tokencompress_env.baselines import BASELINES, MethodContext, token_frequencies
 from tokencompress_env.data import window_continuations
-from tokencompress_env.errors import InputError
+from tokencompress_env.errors import ConfigError, InputError
 from tokencompress_env.evaluation import (
     INTERVAL_METRICS,
     POOLED,
@@ -302,6 +302,35 @@ def test_deleting_the_key_token_raises_the_continuation_bits(test_reconstructor:
     ctx = reader._context(np.arange(1, 8), np.array([True, True, False, True, False, False, True]), "placeholder")
     m = lm.mask_token_id
     assert ctx.tolist() == [m, 3, m, 5, 6, m]
+
+
+def test_the_downstream_context_is_cut_to_its_most_recent_tokens(test_reconstructor: Reconstructor) -> None:
+    """A key token 10 tokens before the window's end helps only a reader that reads at least 10 tokens."""
+    tok = test_reconstructor.tokenizer
+    key, answer = 100, 200
+    lm = Reconstructor(_KeyTokenLM(len(tok), key, answer), tok, device="cpu")  # type: ignore[arg-type]
+    windows = np.arange(300, 316)[None, :].copy()
+    windows[0, 6] = key  # 10 tokens from the end
+    continuations = np.full((1, 6), answer)
+    masks = np.zeros(windows.shape, dtype=bool)
+    masks[0, 14] = True  # one token after the key dropped: the deleted context is 9 tokens past the key
+    far = DownstreamReader(lm, tok, continuations, np.array([True]), max_context=10).read(windows, masks, np.arange(1))
+    near = DownstreamReader(lm, tok, continuations, np.array([True]), max_context=9).read(windows, masks, np.arange(1))
+    assert far["continuation_full"][0] < 1.0 and near["continuation_full"][0] > 6 * 5  # the key cut off at 9
+    assert far["continuation_deleted"][0] < 1.0 and near["continuation_deleted"][0] < 1.0  # kept tokens: key within 9
+    assert near["continuation_none"][0] == pytest.approx(far["continuation_none"][0])
+    with pytest.raises(ValueError, match="exceeds the downstream LM's context"):
+        DownstreamReader(lm, tok, np.full((1, 600), answer), np.array([True]))
+
+
+def test_downstream_context_fits_the_lm_s_training_window(test_reconstructor: Reconstructor) -> None:
+    """Context + continuation stay within the build's window; an explicit cap wins; too long fails clearly."""
+    lm = test_reconstructor
+    assert downstream_context_tokens(lm, {"build_config": {"seq_len": 128}}, 32, None) == 96
+    assert downstream_context_tokens(lm, {}, 32, None) == lm.max_seq_len - 32
+    assert downstream_context_tokens(lm, {"build_config": {"seq_len": 128}}, 32, 40) == 40
+    with pytest.raises(ConfigError, match="--continuation_tokens"):
+        downstream_context_tokens(lm, {"build_config": {"seq_len": 16}}, 32, None)
 
 
 def _method_rate(method: str, bits: np.ndarray, masked: np.ndarray, rate: float = 0.5) -> MethodRate:

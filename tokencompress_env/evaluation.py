@@ -421,12 +421,19 @@ class DownstreamReader:
     decoded to text and re-encoded with the downstream tokenizer (bits are then per downstream token).
     Contexts (a) full and (d) none do not depend on the masks and are scored once.
 
+    Every context is cut to its last ``max_context`` downstream tokens, so that context plus continuation
+    stay within the positions the LM was trained on: a model pretrained on 128-token windows reads a
+    32-token continuation after at most 96 context tokens. Past its trained length a small LM's
+    predictions degrade, and a longer context can then *raise* the continuation bits.
+
     :param lm: the downstream LM (any causal LM loaded as a :class:`Reconstructor`)
     :param source_tokenizer: the tokenizer of the windows
     :param continuations: ``[N, T]`` continuation ids of the windows (source tokenizer)
     :param available: ``[N]`` windows whose continuation is in their document
     :param batch_size: windows per forward pass
     :param name: the LM's name in the records
+    :param max_context: most recent context tokens the LM reads (``None``: its whole context less the
+        continuation)
     """
 
     def __init__(
@@ -437,6 +444,7 @@ class DownstreamReader:
         available: np.ndarray,
         batch_size: int = 64,
         name: str = "reference",
+        max_context: int | None = None,
     ) -> None:
         from tokencompress_env.data import tokenizer_id
 
@@ -447,6 +455,10 @@ class DownstreamReader:
         self.continuations = np.asarray(continuations, dtype=np.int64)
         self.batch_size = int(batch_size)
         self.name = name
+        room = lm.max_seq_len - self.horizon
+        self.max_context = room if max_context is None else min(int(max_context), room)
+        if self.max_context < 0:
+            raise ValueError(f"a {self.horizon}-token continuation exceeds the downstream LM's context of {lm.max_seq_len}")
         self._fixed: dict[int, tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     @property
@@ -485,12 +497,12 @@ class DownstreamReader:
         :param mode: which context
         :return: downstream ids
         """
-        if mode == "none":
+        if mode == "none" or self.max_context == 0:
             return np.zeros(0, dtype=np.int64)
         if mode == "full":
-            return self._to_lm([window], False)
+            return self._to_lm([window], False)[-self.max_context :]
         if mode == "deleted":
-            return self._to_lm([window[~dropped]], False)
+            return self._to_lm([window[~dropped]], False)[-self.max_context :]
         # placeholders: the kept runs, one placeholder between consecutive ones for each dropped run
         edges = np.flatnonzero(np.diff(np.concatenate([[0], dropped.astype(np.int8), [0]])))
         segments, start = [], 0
@@ -498,7 +510,7 @@ class DownstreamReader:
             segments.append(window[start:run_start])
             start = run_end
         segments.append(window[start:])
-        return self._to_lm(segments, True)
+        return self._to_lm(segments, True)[-self.max_context :]
 
     def _score(self, windows: np.ndarray, masks: np.ndarray, mode: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Continuation bits (summed per window) and continuation tokens of the given rows.
@@ -1053,6 +1065,8 @@ def results_markdown(records: Sequence[Mapping[str, Any]], title: str = "Results
             first = next(r for r in rows if r.get("continuation_bits_deleted") is not None)
             lines += [
                 f"### Downstream reading ({first.get('downstream_lm', 'downstream LM')}; "
+                f"{first.get('continuation_tokens', '?')} continuation tokens after at most "
+                f"{first.get('downstream_context', '?')} context tokens; "
                 f"{first['continuation_windows']} windows with a continuation, {first['continuation_windows_skipped']} skipped)",
                 "",
                 "| method | requested rate | full window | deleted | placeholders | no window | context kept [95% CI] "
