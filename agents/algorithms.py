@@ -25,6 +25,7 @@ from stable_baselines3.common.policies import BasePolicy
 from stable_baselines3.common.type_aliases import GymEnv
 
 from agents.policy import MaskableTokenActorCriticPolicy, RecurrentTokenActorCriticPolicy, TokenActorCriticPolicy
+from agents.token_ppo import TokenCreditPolicy, TokenPPO
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ ALGORITHMS: dict[str, AlgorithmSpec] = {
     "trpo": AlgorithmSpec("trpo", TRPO, TokenActorCriticPolicy),
     "maskable_ppo": AlgorithmSpec("maskable_ppo", MaskablePPO, MaskableTokenActorCriticPolicy, needs_action_masks=True),
     "recurrent_ppo": AlgorithmSpec("recurrent_ppo", RecurrentPPO, RecurrentTokenActorCriticPolicy),
+    "token_ppo": AlgorithmSpec("token_ppo", TokenPPO, TokenCreditPolicy),
 }
 
 #: Other spellings accepted by :func:`get_algorithm` (after lower-casing and ``-`` to ``_``).
@@ -60,6 +62,8 @@ ALIASES: dict[str, str] = {
     "recurrentppo": "recurrent_ppo",
     "ppo_lstm": "recurrent_ppo",
     "rppo": "recurrent_ppo",
+    "tokenppo": "token_ppo",
+    "ppo_token": "token_ppo",
 }
 
 

@@ -6,7 +6,9 @@ Each *variant* is the base training config with a few keys changed (:data:`VARIA
 * ``ppo_only``: PPO from a random policy, no warm start;
 * ``distill_ppo``: the warm start, then PPO jointly with the reconstructor (the full method);
 * ``distill_ppo_frozen``: the same with the reconstructor frozen (no joint fine-tuning);
-* ``distill_ppo_decisions``: the full method with a policy that sees its earlier decisions.
+* ``distill_ppo_decisions``: the full method with a policy that sees its earlier decisions;
+* ``distill_token_ppo``: the warm start, then PPO with per-token advantages (:mod:`agents.token_ppo`)
+  jointly with the reconstructor.
 
 Every variant is trained with every seed (``runs/ablate/<variant>__s<seed>``; finished runs are reused, so
 an interrupted ablation continues where it stopped) and evaluated with :mod:`experiments.evaluate` on the
@@ -18,7 +20,8 @@ interval over documents: :mod:`tokencompress_env.evaluation`).
 
 The base config defaults to the quickstart's (``configs/dev/small_scale.json``), so ``distill_ppo`` is
 the quickstart's configuration. ``distill_ppo`` and ``distill_ppo_frozen`` continue the ``distill_only``
-run of their seed, so each seed distils twice (the decision-aware policy has its own network).
+run of their seed, and ``distill_token_ppo`` starts from its policy (``init_policy``; its per-token critic
+starts fresh), so each seed distils twice (the decision-aware policy has its own network).
 
 Examples::
 
@@ -54,10 +57,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill_ppo": {},
     "distill_ppo_frozen": {"joint_training": False},
     "distill_ppo_decisions": {"use_decisions": True},
+    "distill_token_ppo": {"algo": "token_ppo", "distill_steps": 0},
 }
 
 #: Variants that continue the ``distill_only`` run of their seed rather than distilling again.
 SHARED_DISTILLATION = ("distill_ppo", "distill_ppo_frozen")
+#: Variants of another algorithm that start from the distilled policy of the seed's ``distill_only`` run.
+INIT_FROM_DISTILLATION = ("distill_token_ppo",)
 
 
 @dataclass
@@ -147,6 +153,8 @@ def train_variant(config: AblateConfig, variant: str, seed: int) -> Path:
     values = load_config_file(config.base_config) | VARIANTS[variant]
     values |= {"run_name": run_name(variant, seed), "runs_dir": config.runs_dir, "seed": seed, "device": config.device}
     values["progress_bar"] = config.progress_bar
+    if variant in INIT_FROM_DISTILLATION:
+        values["init_policy"] = str(train_variant(config, "distill_only", seed))
     train_config = build_config(TrainConfig, values, where=f"variant '{variant}'")
     run_dir = train_config.run_dir
     if (run_dir / "agent.zip").exists():

@@ -45,6 +45,7 @@ from stable_baselines3.common.logger import configure
 from stable_baselines3.common.vec_env import VecMonitor
 
 from agents.algorithms import canonical_name, get_algorithm, make_model
+from agents.artifact import load_policy_artifact
 from agents.distill import DISTILL_TARGETS, distill_policy
 from callbacks.checkpoint import (
     DISTILL_OPTIMIZER,
@@ -105,7 +106,8 @@ class TrainConfig:
 
     :param run_name: name of the run folder
     :param runs_dir: parent folder of runs
-    :param algo: ``ppo``, ``a2c``, ``trpo``, ``maskable_ppo`` or ``recurrent_ppo``
+    :param algo: ``ppo``, ``a2c``, ``trpo``, ``maskable_ppo``, ``recurrent_ppo`` or ``token_ppo`` (PPO with
+        per-token advantages, :mod:`agents.token_ppo`)
     :param n_envs: windows scored together (one batched reconstructor forward per step)
     :param seed: random seed (agent, env, reconstructor fine-tuning)
     :param device: ``auto``, ``cpu``, ``cuda`` or ``mps`` (agent and reconstructor)
@@ -140,6 +142,9 @@ class TrainConfig:
         those it acted on in training
     :param use_copy_features: give the policy the copy features of each token (does it repeat a token, bigram or
         trigram seen earlier in the window: what a causal reconstructor can copy)
+    :param init_policy: a finished run folder whose policy (``policy.safetensors`` + ``policy.json``) initialises
+        this run's policy before distillation and RL, e.g. a ``total_timesteps 0`` (distillation-only) run; a
+        head this run's algorithm adds (``token_ppo``'s per-token critic) starts fresh
     :param distill_steps: steps of policy warm start by distillation from the reconstructor before RL (0: none)
     :param distill_batch_size: windows per distillation step
     :param distill_lr: learning rate of the distillation
@@ -195,6 +200,7 @@ class TrainConfig:
     embed_dim: int = 192
     use_decisions: bool = False
     use_copy_features: bool = False
+    init_policy: str | None = None
     distill_steps: int = 0
     distill_batch_size: int = 32
     distill_lr: float = 1e-3
@@ -407,6 +413,24 @@ def _prepare_run_dir(config: TrainConfig) -> Reconstructor:
     return reconstructor
 
 
+def _init_policy_from(model: BaseAlgorithm, folder: str) -> None:
+    """Load a finished run's policy weights into a new model (see ``TrainConfig.init_policy``).
+
+    :param model: the new model
+    :param folder: the finished run folder
+    :raises ConfigError: when the weights do not fit the model's policy
+    """
+    artifact = load_policy_artifact(folder, "cpu")
+    fresh = tuple(getattr(model.policy, "added_heads", ()))
+    try:
+        missing, unexpected = model.policy.load_state_dict(artifact.policy.state_dict(), strict=False)
+    except RuntimeError as exc:  # shapes differ: another vocabulary, window or architecture
+        raise ConfigError(f"init_policy '{folder}' does not fit this run's policy: {str(exc).splitlines()[0][:200]}") from None
+    unfit = [k for k in missing if not k.startswith(fresh)] + list(unexpected)
+    if unfit:
+        raise ConfigError(f"init_policy '{folder}' does not fit this run's policy (keys {sorted(unfit)[:4]})")
+
+
 def _load_agent(config: TrainConfig, latest: Path, env: VecMonitor) -> BaseAlgorithm:
     """Load the checkpoint's agent for a resume, with a one-line error when the file is corrupt.
 
@@ -537,6 +561,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
             tensorboard_log=tensorboard_log,
             **_algo_kwargs(config),
         )
+        if config.init_policy:
+            _init_policy_from(model, config.init_policy)
     run_dir.mkdir(parents=True, exist_ok=True)
     if not config.resume:
         reconstructor.save_pretrained(run_dir / "reference_reconstructor", build_info={"source": config.reconstructor})

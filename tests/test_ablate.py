@@ -31,7 +31,7 @@ def test_ablation_trains_each_variant_and_tabulates(tmp_path: Path, test_reconst
     config_file.write_text(json.dumps(base))
     config = AblateConfig(
         base_config=str(config_file),
-        variants=["distill_only", "distill_ppo", "distill_ppo_decisions"],
+        variants=["distill_only", "distill_ppo", "distill_ppo_decisions", "distill_token_ppo"],
         seeds=[0, 1],
         runs_dir=str(tmp_path / "runs"),
         max_windows=6,
@@ -45,8 +45,12 @@ def test_ablation_trains_each_variant_and_tabulates(tmp_path: Path, test_reconst
         assert len(cell["seeds"]) == 2 and cell["std"] >= 0
         for baseline in ("frequency", "self_information"):
             assert cell["vs"][baseline]["difference"] is not None
-    # distill_ppo continued each seed's distill_only run; the decision-aware policy distilled its own
+    # distill_ppo continued each seed's distill_only run; the decision-aware policy distilled its own;
+    # distill_token_ppo started from the distilled policy without distilling again
     assert sorted(distillations) == [0, 0, 1, 1]
+    token_config = json.loads((tmp_path / "runs" / "distill_token_ppo__s1" / "config.json").read_text())
+    assert token_config["algo"] == "token_ppo" and token_config["distill_steps"] == 0
+    assert Path(token_config["init_policy"]) == tmp_path / "runs" / "distill_only__s1"
     runs = tmp_path / "runs"
     branched = json.loads((runs / "distill_ppo__s1" / "state.json").read_text())
     assert branched["num_timesteps"] >= 64

@@ -91,7 +91,7 @@ class StandInTokenEnv(gym.Env):
         return np.stack([np.ones(self.chunk_size, bool), free], axis=1).reshape(-1)
 
     def step(self, action: np.ndarray) -> tuple[dict[str, np.ndarray], float, bool, bool, dict]:
-        reward = 0.0
+        token_rewards = np.zeros(self.chunk_size)  # the reward split by token, as TokenMask-v0 reports it
         for j, a in enumerate(np.asarray(action).reshape(-1)):
             i = self.position + j
             if i >= self.n_valid:
@@ -99,9 +99,10 @@ class StandInTokenEnv(gym.Env):
             masked = bool(a) and not self.force_keep[i]
             self.decisions[i] = 2 if masked else 1
             if masked:
-                reward += 1.0 if self.ids[i] % 2 == 0 else -1.0
+                token_rewards[j] = 1.0 if self.ids[i] % 2 == 0 else -1.0
         self.position = min(self.position + self.chunk_size, self.seq_len)
-        return self._obs(), reward, self.position >= self.n_valid, False, {}
+        info = {"token_rewards": token_rewards}
+        return self._obs(), float(token_rewards.sum()), self.position >= self.n_valid, False, info
 
 
 def batch_obs(env: StandInTokenEnv, n: int = 4, seed: int = 0) -> dict[str, th.Tensor]:
@@ -338,7 +339,7 @@ def test_unsupported_spaces_are_rejected() -> None:
 
 
 def test_algorithm_names() -> None:
-    assert set(ALGORITHMS) == {"ppo", "a2c", "trpo", "maskable_ppo", "recurrent_ppo"}
+    assert set(ALGORITHMS) == {"ppo", "a2c", "trpo", "maskable_ppo", "recurrent_ppo", "token_ppo"}
     assert canonical_name("Maskable-PPO") == "maskable_ppo" and canonical_name("ppo_lstm") == "recurrent_ppo"
     assert get_algorithm("recurrent_ppo").policy_class is RecurrentTokenActorCriticPolicy
     with pytest.raises(ValueError, match="choose one of"):
@@ -351,6 +352,7 @@ ALGO_KWARGS: dict[str, dict[str, Any]] = {
     "trpo": {"n_steps": 64, "batch_size": 32, "cg_max_steps": 5},
     "maskable_ppo": {"n_steps": 32, "batch_size": 32, "n_epochs": 2},
     "recurrent_ppo": {"n_steps": 32, "batch_size": 32, "n_epochs": 2},
+    "token_ppo": {"n_steps": 32, "batch_size": 32, "n_epochs": 2},
 }
 
 

@@ -47,7 +47,10 @@ def _scalars(tb_dir: Path) -> dict[str, list[tuple[int, float]]]:
 
 # TRPO's conjugate-gradient step (double backward through the policy) costs seconds per rollout on
 # CPU, so it gets a single rollout (debug.json: 4 envs x 16 steps = 64 steps).
-@pytest.mark.parametrize(("algo", "steps"), [("ppo", 128), ("a2c", 128), ("maskable_ppo", 128), ("recurrent_ppo", 128), ("trpo", 64)])
+SMOKE_RUNS = [("ppo", 128), ("a2c", 128), ("maskable_ppo", 128), ("recurrent_ppo", 128), ("trpo", 64), ("token_ppo", 128)]
+
+
+@pytest.mark.parametrize(("algo", "steps"), SMOKE_RUNS)
 def test_train_ppo_smoke_subprocess(algo, steps, tmp_path, tc_home, test_reconstructor_dir):
     result = _run_train(["--algo", algo, "--runs_dir", str(tmp_path), "--total_timesteps", str(steps)], tc_home)
     assert result.returncode == 0, result.stderr[-3000:]

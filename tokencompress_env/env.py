@@ -298,7 +298,8 @@ class TokenMaskCore:
 
     def _zero_outcome(self) -> StepOutcome:
         zeros = np.zeros(self.batch_size, dtype=np.float64)
-        return StepOutcome(reward=zeros, reward_tokens=zeros, reward_rate=zeros, masked_bits=zeros)
+        token_zeros = np.zeros((self.batch_size, self.chunk_size), dtype=np.float64)
+        return StepOutcome(reward=zeros, reward_tokens=zeros, reward_rate=zeros, masked_bits=zeros, token_reward=token_zeros)
 
     @property
     def steps_per_episode(self) -> int:
@@ -425,6 +426,7 @@ class TokenMaskCore:
             "recovery_accuracy": s.recovery_accuracy,
             "reward_tokens": self._last.reward_tokens.copy(),
             "reward_rate": self._last.reward_rate.copy(),
+            "token_rewards": self._last.token_reward.copy(),
         }
 
     def action_masks(self) -> np.ndarray:
@@ -699,7 +701,10 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
     fraction of real tokens removed), ``n_valid``, ``n_decided``, ``n_masked``, ``masked_bits`` (this
     step, unclipped), ``masked_bits_total``, ``recovery_accuracy`` (dropped tokens whose top guess is
     right / dropped tokens so far, 0 when none dropped), ``reward_tokens`` and ``reward_rate`` (the two
-    parts of this step's reward).
+    parts of this step's reward), and ``token_rewards``: this step's reward split over the chunk's
+    ``chunk_size`` tokens (a list; ``[num_envs, chunk_size]`` in the vector env), each token's own term plus
+    the rate shaping counted token by token, so that a token's share depends only on its own decision and
+    those before it (what ``algo="token_ppo"`` uses for per-token credit).
 
     ## Starting State
 
@@ -836,7 +841,7 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
         return {key: value[0] for key, value in self.core.observation().items()}
 
     def _info(self) -> dict[str, Any]:
-        return {key: value[0].item() for key, value in self.core.infos().items()}
+        return {key: value[0].item() if value.ndim == 1 else value[0].tolist() for key, value in self.core.infos().items()}
 
     def reset(self, *, seed: int | None = None, options: dict[str, Any] | None = None) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """Start an episode: draw a window and a target mask rate.

@@ -141,18 +141,23 @@ def rate_shaping(
 
 @dataclass
 class StepOutcome:
-    """What one step of a batch of episodes produced; every array is ``[B]``.
+    """What one step of a batch of episodes produced; every array is ``[B]`` except ``token_reward``.
 
     :param reward: total reward (scaled)
     :param reward_tokens: the per-token part (scaled)
     :param reward_rate: the rate-shaping part (scaled)
     :param masked_bits: surprisal summed over the tokens dropped this step (unclipped bits)
+    :param token_reward: ``[B, k]`` the reward split over the chunk's tokens (scaled; sums to ``reward``):
+        each token's own term, plus the change of the rate-shaping potential when the chunk's tokens are
+        counted one after another. A token's share depends only on its own decision and those before
+        it, which is what per-token credit assignment needs (:class:`agents.token_ppo.TokenPPO`)
     """
 
     reward: np.ndarray
     reward_tokens: np.ndarray
     reward_rate: np.ndarray
     masked_bits: np.ndarray
+    token_reward: np.ndarray
 
 
 class EpisodeScorer:
@@ -219,6 +224,9 @@ class EpisodeScorer:
         result = self.reconstructor.score_chunk(self.state, token_ids, mask, valid, positions="masked")
         dropped = result.mask
         per_token = token_rewards(result.surprisal, result.correct, dropped, self.config)
+        per_token_host = per_token.to("cpu", torch.float64).numpy()
+        dropped_host = dropped.to("cpu").numpy()
+        valid_host = result.valid.to("cpu").numpy()
         bits = torch.where(dropped, result.surprisal, torch.zeros_like(result.surprisal))
         # One device->host transfer for all per-row sums.
         sums = (
@@ -245,7 +253,16 @@ class EpisodeScorer:
         reward_tokens = reward_tokens_raw / self._scale
         reward_rate = shaping / self._scale
         total = reward_tokens + reward_rate
-        return StepOutcome(reward=total, reward_tokens=reward_tokens, reward_rate=reward_rate, masked_bits=masked_bits)
+        # the shaping split token by token: the potential after each token of the chunk, in order
+        masked_after = masked_before[:, None] + np.cumsum(dropped_host, axis=1)
+        decided_after = decided_before[:, None] + np.cumsum(valid_host, axis=1)
+        potential = np.abs(masked_after - self.target[:, None] * decided_after)
+        start = np.abs(masked_before - self.target * decided_before)[:, None]
+        token_shaping = -self._rate_penalty * np.diff(np.concatenate([start, potential], axis=1), axis=1)
+        token_reward = (per_token_host + token_shaping) / self._scale
+        return StepOutcome(
+            reward=total, reward_tokens=reward_tokens, reward_rate=reward_rate, masked_bits=masked_bits, token_reward=token_reward
+        )
 
     @property
     def mask_rate(self) -> np.ndarray:
