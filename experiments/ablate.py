@@ -46,7 +46,7 @@ from experiments.config import build_config, cli_main, load_config_file, parse_c
 from experiments.evaluate import EvaluateConfig, run_evaluation
 from experiments.train_ppo import TrainConfig, train
 from tokencompress_env.errors import ConfigError
-from tokencompress_env.evaluation import POOLED
+from tokencompress_env.evaluation import POOLED, WINDOW_STATS_FILE, paired_difference_between
 
 ROOT = Path(__file__).resolve().parent
 
@@ -83,6 +83,8 @@ class AblateConfig:
     :param progress_bar: show progress bars
     :param train_only: train the runs and stop (e.g. one process per seed in parallel; a later call
         without it reuses the finished runs and evaluates)
+    :param compare_to: the variant every other one is compared with, paired by window (its policy's bits
+        subtracted from theirs, interval over documents); ignored when it is not among ``variants``
     """
 
     base_config: str = str(ROOT / "configs" / "dev" / "small_scale.json")
@@ -97,6 +99,7 @@ class AblateConfig:
     device: str = "auto"
     progress_bar: bool = False
     train_only: bool = False
+    compare_to: str = "distill_only"
 
     def validate(self) -> None:
         """Reject unknown variants and an empty seed list."""
@@ -105,6 +108,8 @@ class AblateConfig:
             raise ConfigError(f"unknown variant(s) {', '.join(unknown)}; valid: {', '.join(VARIANTS)}")
         if not self.seeds:
             raise ConfigError("give at least one seed")
+        if self.compare_to not in VARIANTS:
+            raise ConfigError(f"compare_to must be a variant, got '{self.compare_to}'; valid: {', '.join(VARIANTS)}")
         if self.split == "test":
             print("warning: ablations choose configurations; run them on the validation split, not test", file=sys.stderr)
 
@@ -222,6 +227,30 @@ def ablation_rows(results: dict[str, list[dict[str, Any]]], baselines: Sequence[
     return rows
 
 
+def variant_differences(out: Path, variants: Sequence[str], compare_to: str, rates: Sequence[float]) -> dict[str, dict[str, Any]]:
+    """Each variant's policy minus ``compare_to``'s, paired by window, with an interval over documents.
+
+    Both were evaluated on the same windows (same split, windows and seed), pooled over their seeds;
+    the per-window sums come from each evaluation's ``window_stats.npz``.
+
+    :param out: the ablation's output folder (one evaluation folder per variant)
+    :param variants: the variants
+    :param compare_to: the variant subtracted
+    :param rates: requested rates
+    :return: variant -> rate -> ``{"difference", "ci95"}`` (``compare_to`` itself left out)
+    """
+    base = out / compare_to / WINDOW_STATS_FILE
+    table: dict[str, dict[str, Any]] = {}
+    for variant in variants:
+        if variant == compare_to:
+            continue
+        table[variant] = {}
+        for rate in rates:
+            difference, low, high = paired_difference_between(out / variant / WINDOW_STATS_FILE, base, rate)
+            table[variant][str(rate)] = {"difference": difference, "ci95": [low, high]}
+    return table
+
+
 def _finished_evaluation(eval_config: EvaluateConfig) -> list[dict[str, Any]] | None:
     """The records of an earlier evaluation with the same options (its ``eval_config.json``), if one was written.
 
@@ -229,7 +258,7 @@ def _finished_evaluation(eval_config: EvaluateConfig) -> list[dict[str, Any]] | 
     :return: its records, or ``None`` when they must be computed
     """
     folder = Path(str(eval_config.out))
-    if not (folder / "results.json").is_file() or not (folder / "eval_config.json").is_file():
+    if not all((folder / name).is_file() for name in ("results.json", "eval_config.json", WINDOW_STATS_FILE)):
         return None
     saved = json.loads((folder / "eval_config.json").read_text())
     wanted = json.loads(json.dumps(asdict(eval_config)))
@@ -270,6 +299,10 @@ def ablate(config: AblateConfig) -> dict[str, Any]:
     if config.train_only:
         return {"trained": [run_name(v, s) for v in config.variants for s in config.seeds]}
     rows = ablation_rows(results, config.baselines, config.mask_rates)
+    if config.compare_to in config.variants:
+        for variant, by_rate in variant_differences(out, config.variants, config.compare_to, config.mask_rates).items():
+            for rate, figures in by_rate.items():
+                rows[variant][rate]["vs_variant"] = {config.compare_to: figures}
     summary = {"config": asdict(config), "split": config.split, "rows": rows, "seconds": time.perf_counter() - started}
     out.mkdir(parents=True, exist_ok=True)
     (out / "ablation.json").write_text(json.dumps(summary, indent=2))
@@ -312,6 +345,23 @@ def ablation_markdown(rows: dict[str, Any], config: AblateConfig) -> str:
         lines.append(f"| {name} | " + " | ".join(_cell(rows[name][r], against) for r in rates) + " |")
     for name in config.baselines:
         lines.append(f"| {name} | " + " | ".join(f"{rows[name][r]['mean']:.3f}" for r in rates) + " |")
+    compared = [v for v in config.variants if config.compare_to in rows[v][rates[0]].get("vs_variant", {})]
+    if compared:
+        lines += [
+            "",
+            f"Paired difference to `{config.compare_to}`: the variant's bits per dropped token minus `{config.compare_to}`'s on the "
+            "same windows (pooled over seeds), and its 95% interval over documents; negative means the variant drops cheaper tokens.",
+            "",
+            "| variant | " + " | ".join(rates) + " |",
+            "|---|" + "---:|" * len(rates),
+        ]
+        for name in compared:
+            cells = []
+            for r in rates:
+                figures = rows[name][r]["vs_variant"][config.compare_to]
+                lo, hi = figures["ci95"]
+                cells.append(f"{figures['difference']:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            lines.append(f"| {name} − {config.compare_to} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

@@ -15,7 +15,8 @@ Examples::
 Every method drops exactly ``round(rate * n)`` tokens of each window at every requested rate (see
 :mod:`tokencompress_env.baselines`); the masks are scored by the frozen ``reference`` reconstructor (the
 primary table) and, for a run, by the jointly trained ``joint`` one. Writes ``results.json``,
-``results.md``, ``rate_distortion.png`` and the resolved ``eval_config.json`` to ``--out``.
+``results.md``, ``rate_distortion.png``, the per-window sums (``window_stats.npz``, for paired comparisons
+between evaluations) and the resolved ``eval_config.json`` to ``--out``.
 
 Several ``--run`` folders (seeds of one configuration) are evaluated on the same windows; the records
 hold each run's figures and the pooled ones (see :mod:`tokencompress_env.evaluation`). Every interval is
@@ -75,6 +76,7 @@ from tokencompress_env.data import (
 from tokencompress_env.errors import CheckpointError, ConfigError, InputError, ReconstructorLoadError
 from tokencompress_env.evaluation import (
     METHOD_NAMES,
+    WINDOW_STATS_FILE,
     DownstreamReader,
     MethodRate,
     build_records,
@@ -82,6 +84,7 @@ from tokencompress_env.evaluation import (
     plot_rate_distortion,
     write_results_json,
     write_results_markdown,
+    write_window_stats,
 )
 from tokencompress_env.reconstructor import BUILD_INFO, Reconstructor, parse_device, resolve_device
 from tokencompress_env.units import check_units
@@ -545,6 +548,7 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
     out.mkdir(parents=True, exist_ok=True)
     title = config.title or f"Compression at matched mask rates: {Path(data_name).name if config.data else data_name}"
     write_results_json(records, out / "results.json")
+    write_window_stats(runs, doc_ids, out / WINDOW_STATS_FILE)
     seeds = [_run_seed(b) for b in bundles]
     preamble = (
         f"Data: {data_name} (split: {split_name}), {len(windows)} of {total_windows} windows of {seq_len} tokens "

@@ -61,6 +61,18 @@ def test_ablation_trains_each_variant_and_tabulates(tmp_path: Path, test_reconst
     assert json.loads((runs / "distill_ppo_decisions__s0" / "config.json").read_text())["use_decisions"] is True
     table = (runs / "results" / "ablation.md").read_text()
     assert "validation split" in table and "| distill_ppo_decisions |" in table and "| self_information |" in table
+    # each variant against distill_only, paired by window: the difference of the two pooled policies
+    assert "distill_only" not in rows["distill_only"]["0.4"].get("vs_variant", {})
+    for variant in ("distill_ppo", "distill_token_ppo"):
+        pooled = {}
+        for name in (variant, "distill_only"):
+            records = json.loads((runs / "results" / name / "results.json").read_text())
+            [policy] = [r for r in records if r["method"] == "policy" and r["run"] == "pooled" and r["reconstructor"] == "reference"]
+            pooled[name] = policy["bits_per_masked_token"]
+        versus = rows[variant]["0.4"]["vs_variant"]["distill_only"]
+        assert versus["difference"] == pytest.approx(pooled[variant] - pooled["distill_only"])
+        assert versus["ci95"][0] <= versus["difference"] <= versus["ci95"][1]
+        assert f"| {variant} − distill_only |" in table
     # a second call reuses the finished runs and their evaluations
     import experiments.ablate as ablate_module
 
@@ -83,4 +95,6 @@ def test_ablation_trains_each_variant_and_tabulates(tmp_path: Path, test_reconst
 def test_unknown_variant_is_rejected() -> None:
     with pytest.raises(ConfigError, match="unknown variant"):
         AblateConfig(variants=["distil_only"]).validate()
+    with pytest.raises(ConfigError, match="compare_to"):
+        AblateConfig(compare_to="distill").validate()
     assert set(VARIANTS) >= {"distill_only", "ppo_only", "distill_ppo", "distill_ppo_frozen", "distill_ppo_decisions"}

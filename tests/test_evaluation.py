@@ -34,11 +34,14 @@ from tokencompress_env.evaluation import (
     group_numbers,
     log2_binomial,
     paired_difference,
+    paired_difference_between,
     plot_rate_distortion,
+    read_window_stats,
     results_markdown,
     score_masks,
     write_results_json,
     write_results_markdown,
+    write_window_stats,
 )
 from tokencompress_env.reconstructor import Reconstructor
 
@@ -366,6 +369,29 @@ def test_several_runs_give_per_seed_and_pooled_figures() -> None:
     assert md.splitlines()[2].startswith("Verdict") and "- **rate 0.50**: best baseline `random`" in md
     assert "policy − random = -1.400" in md and "interval excludes 0: the policy is better" in md
     assert "Per seed" in md
+
+
+def test_two_evaluations_are_compared_paired_by_window(tmp_path: Path) -> None:
+    masked = np.full(8, 5.0)
+    docs = ["a", "a", "b", "b", "c", "c", "d", "d"]
+    doc_effect = np.repeat([0.0, 30.0, -20.0, 10.0], 2)  # documents differ a lot, the two evaluations by a constant
+    variant_a = [[_method_rate("policy", 30.0 + doc_effect + s, masked)] for s in (0.0, 2.0)]  # two seeds each
+    variant_b = [[_method_rate("policy", 35.0 + doc_effect + s, masked)] for s in (0.0, 2.0)]
+    path_a = write_window_stats(variant_a, docs, tmp_path / "a" / "window_stats.npz")
+    path_b = write_window_stats(variant_b, docs, tmp_path / "b" / "window_stats.npz")
+    index, stats = read_window_stats(path_a, "policy", 0.5)
+    assert index.tolist() == list(range(8))
+    assert stats.masked_bits == pytest.approx(31.0 + doc_effect)  # the mean over the two seeds
+    pooled_a = next(r for r in build_records(variant_a, docs, n_boot=50) if r["run"] == POOLED)["bits_per_masked_token"]
+    pooled_b = next(r for r in build_records(variant_b, docs, n_boot=50) if r["run"] == POOLED)["bits_per_masked_token"]
+    diff, lo, hi = paired_difference_between(path_a, path_b, 0.5, n_boot=200)
+    assert diff == pytest.approx(pooled_a - pooled_b) and diff == pytest.approx(-1.0)
+    assert lo == pytest.approx(-1.0) and hi == pytest.approx(-1.0)  # pairing cancels the document effect
+    with pytest.raises(InputError, match="no per-window figures"):
+        read_window_stats(path_a, "random", 0.5)
+    other_docs = write_window_stats(variant_b, ["a", "a", "b", "b", "c", "c", "d", "e"], tmp_path / "c.npz")
+    with pytest.raises(InputError, match="same windows"):
+        paired_difference_between(path_a, other_docs, 0.5)
 
 
 def test_search_bound_row_and_policy_ratio(

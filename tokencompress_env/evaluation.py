@@ -928,6 +928,106 @@ def evaluate(
 
 
 # ---------------------------------------------------------------------------- writers
+#: File of the per-window sums beside ``results.json`` (:func:`write_window_stats`).
+WINDOW_STATS_FILE = "window_stats.npz"
+
+
+def _stats_key(method: str, rate: float, reconstructor: str) -> str:
+    """The key prefix of one method, rate and reconstructor in :data:`WINDOW_STATS_FILE`.
+
+    :param method: the method's name
+    :param rate: the requested mask rate
+    :param reconstructor: the scoring reconstructor's name
+    :return: the prefix
+    """
+    return f"{method}|{rate:.6g}|{reconstructor}|"
+
+
+def write_window_stats(runs: Sequence[Sequence[MethodRate]], doc_ids: Sequence[Any] | np.ndarray | None, path: str | Path) -> Path:
+    """Save the per-window sums of every method, rate and reconstructor, pooled over the runs (their mean).
+
+    Two evaluations of the same windows (e.g. two ablation variants) can then be compared with a paired
+    interval over documents (:func:`paired_difference_between`), which their records alone do not allow.
+
+    :param runs: per run, its :class:`MethodRate` list (as given to :func:`build_records`)
+    :param doc_ids: ``[N]`` document id of every evaluated window (``None``: windows are the units)
+    :param path: the ``.npz`` file
+    :return: the path
+    """
+    arrays: dict[str, np.ndarray] = {}
+    if doc_ids is not None:
+        arrays["doc_ids"] = np.asarray([str(d) for d in doc_ids])
+    for j, item in enumerate(runs[0] if runs else []):
+        group = [items[j] for items in runs]
+        for rec in item.stats:
+            if not all(rec in g.stats for g in group):
+                continue
+            prefix = _stats_key(item.method, item.rate, rec)
+            arrays[prefix + "window_index"] = np.asarray(item.window_index, dtype=np.int64)
+            for name, values in WindowStats.mean([g.stats[rec] for g in group]).arrays().items():
+                arrays[prefix + name] = values
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **arrays)  # type: ignore[arg-type]  # numpy types **kwds like allow_pickle
+    return path
+
+
+def read_window_stats(path: str | Path, method: str, rate: float, reconstructor: str = "reference") -> tuple[np.ndarray, WindowStats]:
+    """The pooled per-window sums of one method at one rate from :func:`write_window_stats`'s file.
+
+    :param path: the ``.npz`` file
+    :param method: the method's name
+    :param rate: the requested mask rate
+    :param reconstructor: the scoring reconstructor's name
+    :return: ``(window_index, stats)``
+    :raises InputError: when the file holds no such entry
+    """
+    prefix = _stats_key(method, rate, reconstructor)
+    with np.load(Path(path), allow_pickle=False) as data:
+        if prefix + "window_index" not in data.files:
+            raise InputError(f"{path} holds no per-window figures of {method} at rate {rate:g} ({reconstructor})")
+        arrays = {k[len(prefix) :]: data[k] for k in data.files if k.startswith(prefix)}
+    index = arrays.pop("window_index")
+    return index, WindowStats.from_arrays(arrays)
+
+
+def paired_difference_between(
+    path_a: str | Path,
+    path_b: str | Path,
+    rate: float,
+    method: str = POLICY,
+    reconstructor: str = "reference",
+    n_boot: int = 1000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Bits per dropped token of ``method`` in evaluation ``a`` minus in evaluation ``b``, paired by window.
+
+    Both evaluations must have scored the same windows of the same documents (same split, windows and
+    seed); the interval resamples documents.
+
+    :param path_a: :data:`WINDOW_STATS_FILE` of the first evaluation
+    :param path_b: that of the second
+    :param rate: the requested mask rate
+    :param method: the method compared (the policy of each evaluation's runs)
+    :param reconstructor: the scoring reconstructor's name
+    :param n_boot: bootstrap replicates
+    :param seed: seed of the bootstrap
+    :return: ``(difference, low, high)``
+    :raises InputError: when the two evaluations did not score the same windows
+    """
+    index_a, stats_a = read_window_stats(path_a, method, rate, reconstructor)
+    index_b, stats_b = read_window_stats(path_b, method, rate, reconstructor)
+    with np.load(Path(path_a), allow_pickle=False) as data_a, np.load(Path(path_b), allow_pickle=False) as data_b:
+        docs_a = data_a["doc_ids"] if "doc_ids" in data_a.files else None
+        docs_b = data_b["doc_ids"] if "doc_ids" in data_b.files else None
+    same_docs = (docs_a is None and docs_b is None) or (docs_a is not None and docs_b is not None and np.array_equal(docs_a, docs_b))
+    same_masked = np.array_equal(stats_a.valid, stats_b.valid)
+    if not (np.array_equal(index_a, index_b) and same_docs and same_masked):
+        raise InputError(f"{path_a} and {path_b} did not evaluate the same windows: no paired difference")
+    groups = None if docs_a is None else group_numbers(docs_a, len(docs_a))[index_a]
+    return paired_difference(stats_a, stats_b, n_boot, seed, groups=groups)
+
+
 def write_results_json(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
     """Write the records as a JSON list.
 
