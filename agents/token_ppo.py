@@ -2,7 +2,7 @@
 
 In TokenMask-v0 a step decides ``chunk_size`` tokens at once and its reward sums their outcomes, so
 plain PPO gives every decision of a chunk the same advantage: the credit of one token is buried in the
-others' (``tests/test_ppo_planted.py`` shows PPO failing to learn a planted pattern that way). The env
+others' (on the planted pattern of ``tests/test_ppo_planted.py`` both learn; neither clearly faster). The env
 also reports the reward split over the chunk's tokens (``info["token_rewards"]``, see
 :class:`~tokencompress_env.reward.StepOutcome`): a token's share depends only on its own decision and
 those before it (the reconstructor is causal, and the rate-shaping potential is counted token by token).
