@@ -5,6 +5,7 @@ A stand-in env with TokenMask-v0's spaces keeps these fast and independent of th
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 from typing import Any, ClassVar
@@ -29,6 +30,8 @@ from agents import (
 )
 from agents.extractor import N_COPY_FEATURES, copy_features
 from agents.policy import INACTIVE_LOGIT
+from tokencompress_env.errors import CheckpointError
+from tokencompress_env.run_folder import file_sha256
 
 SMALL_EXTRACTOR = {"embed_dim": 16, "hidden_dim": 16, "dilations": (1, 2)}
 SMALL_POLICY = {"net_arch": {"pi": [16], "vf": [16]}, "features_extractor_kwargs": SMALL_EXTRACTOR}
@@ -368,8 +371,12 @@ def test_learn_save_load(algo: str, tmp_path: Path) -> None:
     assert any(not th.equal(a, b) for a, b in zip(before, model.policy.parameters()))
     path = tmp_path / f"{algo}.zip"
     model.save(path)
-    loaded = load_model(algo, str(path), env=env, device="cpu")
+    with pytest.raises(CheckpointError, match="records no SHA-256"):  # safe by default: no recorded hash, no unpickling
+        load_model(algo, str(path), env=env, device="cpu")
+    (tmp_path / "state.json").write_text(json.dumps({"agent_sha256": file_sha256(path)}))
+    loaded = load_model(algo, path, env=env, device="cpu")
     assert type(loaded.policy) is type(model.policy)
+    assert type(load_model(algo, path, trust_pickle=True, device="cpu").policy) is type(model.policy)
     obs = env.reset()
     kwargs = {"action_masks": np.stack(env.env_method("action_masks"))} if algo == "maskable_ppo" else {}
     a1, _ = model.predict(obs, deterministic=True, **kwargs)
