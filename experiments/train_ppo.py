@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import json
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -40,7 +41,7 @@ from typing import Any
 import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import CallbackList
-from stable_baselines3.common.logger import configure
+from stable_baselines3.common.logger import HumanOutputFormat, Logger, configure
 from stable_baselines3.common.vec_env import VecMonitor
 
 from agents.algorithms import canonical_name, load_model, make_model
@@ -421,6 +422,19 @@ def _prepare_run_dir(config: TrainConfig) -> Reconstructor:
     return reconstructor
 
 
+def quiet_logger(verbose: int) -> Logger:
+    """An SB3 logger that writes no files: standard output when ``verbose``, else nothing.
+
+    Without TensorBoard, SB3's ``learn`` configures its logger with ``configure(None, ...)``, which creates
+    a folder ``SB3-<date>`` in the system's temporary directory and leaves it there; training sets this
+    logger instead.
+
+    :param verbose: SB3 verbosity (0: no output)
+    :return: the logger
+    """
+    return Logger(folder=None, output_formats=[HumanOutputFormat(sys.stdout)] if verbose else [])
+
+
 def _init_policy_from(model: BaseAlgorithm, folder: str) -> None:
     """Load a finished run's policy weights into a new model (see ``TrainConfig.init_policy``).
 
@@ -564,6 +578,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
         )
         if config.init_policy:
             _init_policy_from(model, config.init_policy)
+    if tensorboard_log is None:
+        model.set_logger(quiet_logger(config.verbose))
     run_dir.mkdir(parents=True, exist_ok=True)
     if not config.resume:
         reconstructor.save_pretrained(run_dir / REFERENCE_RECONSTRUCTOR, build_info={"source": config.reconstructor})
