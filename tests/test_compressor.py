@@ -562,3 +562,28 @@ def test_long_words_that_miss_the_rate_say_so(compressor: Compressor) -> None:
     assert word.warning is not None and "whole words let only" in word.warning and "units='piece'" in word.warning
     piece = _compress_one(compressor, text, mask_rate=0.5, units="piece")
     assert abs(piece.achieved_mask_rate - 0.5) < 0.05 and piece.warning is None
+
+
+# ---------------------------------------------------------------------------- the force-keep table cache
+def test_force_keep_table_cache_is_keyed_by_the_tokenizer_itself(test_reconstructor) -> None:
+    """Each tokenizer object gets its own table, and a collected tokenizer's table is gone (never served to another)."""
+    import copy
+    import gc
+    from types import SimpleNamespace
+
+    from tokencompress_env import compressor as module
+    from tokencompress_env.env import force_keep_token_table
+
+    first = module._cached_table(test_reconstructor, keep_digits=False)
+    assert module._cached_table(test_reconstructor, keep_digits=False) is first
+    tokenizer = copy.deepcopy(test_reconstructor.tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<never dropped>"]})
+    other = SimpleNamespace(tokenizer=tokenizer, vocab_size=test_reconstructor.vocab_size)
+    table = module._cached_table(other, keep_digits=False)  # type: ignore[arg-type]
+    assert np.array_equal(table, force_keep_token_table(other, False))  # type: ignore[arg-type]
+    assert table.sum() == first.sum() + 1 and len(table) == max(test_reconstructor.vocab_size, len(tokenizer))
+    entries = len(module._TABLES)
+    del other, tokenizer, table
+    gc.collect()
+    assert len(module._TABLES) == entries - 1  # no table outlives its tokenizer, so no id() can be reused to reach it
+    assert module._cached_table(test_reconstructor, keep_digits=False) is first

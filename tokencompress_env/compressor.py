@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,7 +77,9 @@ UNIT_SHORTFALL_WARNING = 0.02
 
 
 # ---------------------------------------------------------------------------- force-keep
-_TABLES: dict[tuple[int, bool], np.ndarray] = {}
+#: Force-keep tables by tokenizer object, then by ``(vocab_size, keep_digits)``. Keyed by the object itself
+#: (weakly), not by ``id()``: the id of a tokenizer that was garbage-collected can be reused by another one.
+_TABLES: weakref.WeakKeyDictionary[Any, dict[tuple[int, bool], np.ndarray]] = weakref.WeakKeyDictionary()
 
 
 def _cached_table(reconstructor: Reconstructor, keep_digits: bool) -> np.ndarray:
@@ -86,10 +89,11 @@ def _cached_table(reconstructor: Reconstructor, keep_digits: bool) -> np.ndarray
     :param keep_digits: flag digits
     :return: ``[vocab]`` bool
     """
-    key = (id(reconstructor.tokenizer), bool(keep_digits))
-    if key not in _TABLES:
-        _TABLES[key] = force_keep_token_table(reconstructor, keep_digits)
-    return _TABLES[key]
+    tables = _TABLES.setdefault(reconstructor.tokenizer, {})
+    key = (int(reconstructor.vocab_size), bool(keep_digits))
+    if key not in tables:
+        tables[key] = force_keep_token_table(reconstructor, keep_digits)
+    return tables[key]
 
 
 def _string_spans(text: str, strings: Sequence[str]) -> list[tuple[int, int]]:
