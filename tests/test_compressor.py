@@ -69,6 +69,7 @@ def _check_consistent(compressor: Compressor, r: CompressionResult) -> None:
     assert r.kept_mask.dtype == bool and r.kept_mask.shape == (r.origin_tokens,)
     assert np.array_equal(r.ids, r.origin_ids[r.kept_mask])
     assert r.compressed_tokens == int(r.kept_mask.sum()) == len(r.ids)
+    assert np.array_equal(r.dropped_mask, ~r.kept_mask)  # the project's usual mask: True where dropped
     assert r.achieved_mask_rate == pytest.approx(1 - r.compressed_tokens / r.origin_tokens)
     assert r.text == compressor.tokenizer.decode(r.ids.tolist())
 
@@ -89,7 +90,7 @@ def test_single_window_rate_is_exact_and_uses_the_shared_ranking(compressor: Com
         win[0, :n] = ids
         valid = np.arange(compressor.seq_len)[None] < n
         logits = window_mask_logits(compressor.agent, win, valid, np.zeros_like(valid), rate)
-        assert np.array_equal(~r.kept_mask, logits_to_mask(logits, rate, valid)[0, :n])
+        assert np.array_equal(r.dropped_mask, logits_to_mask(logits, rate, valid)[0, :n])
 
 
 def test_long_text_is_compressed_window_by_window(compressor: Compressor) -> None:

@@ -274,7 +274,9 @@ class CompressionResult:
 
     :param text: the compressed text (the kept tokens decoded)
     :param ids: ``[compressed_tokens]`` ids of the kept tokens
-    :param kept_mask: ``[origin_tokens]`` bool, ``True`` where the original token is kept
+    :param kept_mask: ``[origin_tokens]`` bool, ``True`` where the original token is **kept**: the complement
+        of every other mask of the project (the env's actions, the baselines' masks, the reconstructor's
+        ``mask``), which are ``True`` where a token is dropped; :attr:`dropped_mask` is that one
     :param origin_ids: ``[origin_tokens]`` ids of the original text
     :param origin_tokens: tokens of the original text
     :param compressed_tokens: tokens kept
@@ -308,6 +310,14 @@ class CompressionResult:
     units: str = DEFAULT_UNITS
     text_tokens: int | None = None
     warning: str | None = None
+
+    @property
+    def dropped_mask(self) -> np.ndarray:
+        """Where the original tokens were dropped: the project's usual mask, the complement of :attr:`kept_mask`.
+
+        :return: ``[origin_tokens]`` bool, ``True`` where the original token is dropped
+        """
+        return ~np.asarray(self.kept_mask, dtype=bool)
 
     def to_dict(self, arrays: bool = True) -> dict[str, Any]:
         """The fields as JSON-ready values.
