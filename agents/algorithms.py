@@ -16,6 +16,7 @@ name               algorithm                       policy
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from sb3_contrib import TRPO, MaskablePPO, RecurrentPPO
@@ -26,6 +27,8 @@ from stable_baselines3.common.type_aliases import GymEnv
 
 from agents.policy import MaskableTokenActorCriticPolicy, RecurrentTokenActorCriticPolicy, TokenActorCriticPolicy
 from agents.token_ppo import TokenCreditPolicy, TokenPPO
+from tokencompress_env.errors import CheckpointError
+from tokencompress_env.run_folder import verify_agent_zip
 
 
 @dataclass(frozen=True)
@@ -115,13 +118,29 @@ def make_model(
     return spec.algo_class(spec.policy_class, env, policy_kwargs=kwargs, **algo_kwargs)
 
 
-def load_model(algo_name: str, path: str, env: GymEnv | None = None, **kwargs: Any) -> BaseAlgorithm:
-    """Load a model saved with ``model.save(path)``.
+def load_model(algo_name: str, path: str | Path, env: GymEnv | None = None, trust_pickle: bool = False, **kwargs: Any) -> BaseAlgorithm:
+    """Load a model saved with ``model.save(path)``: the one loader of a run's ``agent.zip``.
+
+    ``agent.zip`` is a pickle that can run code when loaded, so by default it is unpickled only when its
+    SHA-256 is the ``agent_sha256`` that the ``state.json`` beside it records (as every checkpoint and
+    finished run folder does: :func:`tokencompress_env.run_folder.verify_agent_zip`). For inference, load
+    the safe artifact instead (:func:`agents.artifact.load_policy_artifact`).
 
     :param algo_name: The algorithm it was trained with
     :param path: Path of the ``.zip``
     :param env: Environment to attach (needed to continue training)
+    :param trust_pickle: skip the SHA-256 check (a file without a recorded hash); only for files you made yourself
     :param kwargs: Passed to the algorithm's ``load`` (``device``, ``custom_objects``, ...)
     :return: The model
+    :raises CheckpointError: when the hash is missing or differs, or the file does not load as such an agent
     """
-    return get_algorithm(algo_name).algo_class.load(path, env=env, **kwargs)
+    verify_agent_zip(path, trust_pickle)
+    spec = get_algorithm(algo_name)
+    try:
+        return spec.algo_class.load(path, env=env, **kwargs)
+    except Exception as exc:  # truncated zip, wrong algorithm or spaces: the same user-facing problem
+        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(
+            f"'{path}' does not load as a {spec.name} agent ({first}): it is damaged; restore it from a backup, "
+            "or start a new run with another --run_name"
+        ) from None

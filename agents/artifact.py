@@ -33,11 +33,8 @@ from agents.algorithms import canonical_name, get_algorithm
 from agents.extractor import LocalContextExtractor
 from tokencompress_env.env import make_spaces
 from tokencompress_env.errors import CheckpointError
+from tokencompress_env.run_folder import POLICY_SPEC, POLICY_WEIGHTS, run_dir_of
 
-#: File of the policy's weights in a run or checkpoint folder.
-POLICY_WEIGHTS = "policy.safetensors"
-#: File of the spec that rebuilds the policy network around the weights.
-POLICY_SPEC = "policy.json"
 #: Value of the spec's ``format`` key.
 FORMAT = "tokencompress-policy"
 #: Version of the spec format.
@@ -165,7 +162,7 @@ def missing_artifact_message(folder: Path) -> str:
     :param folder: the run folder (or its ``checkpoints/latest``)
     :return: the message, with the command that writes the artifact
     """
-    run = folder.parent.parent if folder.name == "latest" and folder.parent.name == "checkpoints" else folder
+    run = run_dir_of(folder)
     return (
         f"'{folder}' has no {POLICY_WEIGHTS} and {POLICY_SPEC} (a run of an older version, whose policy is only in the "
         f"pickle agent.zip, which can run code when loaded); if you made this run yourself, write them with: python -m "

@@ -15,10 +15,7 @@ the ``agent.zip`` written with it). A checkpoint taken during distillation also 
 
 from __future__ import annotations
 
-import hashlib
 import json
-import os
-import shutil
 from pathlib import Path
 from typing import Any
 
@@ -30,40 +27,20 @@ from agents.artifact import save_policy_artifact
 from callbacks.joint_training import ReconstructorFinetuneCallback
 from tokencompress_env.errors import CheckpointError
 from tokencompress_env.reconstructor import Reconstructor
-
-#: Name of the latest checkpoint folder inside ``<run>/checkpoints``.
-LATEST = "latest"
-
-
-def _replace_dir(tmp: Path, target: Path) -> None:
-    """Move a finished temporary folder to ``target``, replacing what was there as atomically as possible.
-
-    :param tmp: the finished folder
-    :param target: its final place
-    """
-    old = target.with_name(target.name + ".old")
-    shutil.rmtree(old, ignore_errors=True)
-    if target.exists():
-        os.replace(target, old)
-    os.replace(tmp, target)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-#: File of the distillation optimizer's state in a checkpoint taken during distillation.
-DISTILL_OPTIMIZER = "distill_optimizer.pt"
-
-
-def file_sha256(path: Path) -> str:
-    """The SHA-256 of a file's bytes.
-
-    :param path: the file
-    :return: 64 hex digits
-    """
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
+from tokencompress_env.run_folder import (
+    AGENT_ZIP,
+    CONFIG,
+    DISTILL_OPTIMIZER,
+    RECONSTRUCTOR,
+    RECONSTRUCTOR_OPTIMIZER,
+    STATE,
+    file_sha256,
+    latest_checkpoint,
+    publish_folder,
+    recover_folder,
+    temp_folder,
+    verify_agent_zip,
+)
 
 
 def save_run_artifacts(
@@ -85,26 +62,23 @@ def save_run_artifacts(
     :param state: extra facts for ``state.json``
     :param distill_optimizer: during distillation, its optimizer (saved as ``distill_optimizer.pt``)
     """
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = folder.with_name(folder.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    model.save(tmp / "agent.zip")
+    tmp = temp_folder(folder)
+    model.save(tmp / AGENT_ZIP)
     save_policy_artifact(model, str(config.get("algo", "ppo")), tmp)
-    reconstructor.save_pretrained(tmp / "reconstructor")
+    reconstructor.save_pretrained(tmp / RECONSTRUCTOR)
     if finetune is not None:
-        torch.save(finetune.optimizer.state_dict(), tmp / "reconstructor_optimizer.pt")
+        torch.save(finetune.optimizer.state_dict(), tmp / RECONSTRUCTOR_OPTIMIZER)
     if distill_optimizer is not None:
         torch.save(distill_optimizer.state_dict(), tmp / DISTILL_OPTIMIZER)
-    (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     facts = {
         "num_timesteps": int(model.num_timesteps),
         "finetune_rounds": finetune.rounds if finetune else 0,
-        "agent_sha256": file_sha256(tmp / "agent.zip"),
+        "agent_sha256": file_sha256(tmp / AGENT_ZIP),
         **(state or {}),
     }
-    (tmp / "state.json").write_text(json.dumps(facts, indent=2))
-    _replace_dir(tmp, folder)
+    (tmp / STATE).write_text(json.dumps(facts, indent=2))
+    publish_folder(tmp, folder)
 
 
 def _unusable(folder: Path, problem: str) -> str:
@@ -118,21 +92,15 @@ def _unusable(folder: Path, problem: str) -> str:
 
 
 def recover_checkpoint(folder: Path) -> None:
-    """Finish what a process killed inside :func:`_replace_dir` left undone, and drop stale temporary folders.
+    """Finish what a process killed while publishing a checkpoint left undone, and drop stale temporary folders.
 
-    Between moving the previous checkpoint to ``<folder>.old`` and the new one into place there is no
-    ``folder``; a run killed exactly then still has its previous complete checkpoint in ``.old``,
-    which is moved back.
+    A run killed between moving the previous checkpoint to ``<folder>.old`` and the new one into place
+    still has its previous complete checkpoint in ``.old``, which is moved back
+    (:func:`tokencompress_env.run_folder.recover_folder`).
 
     :param folder: the checkpoint folder (``<run>/checkpoints/latest``)
     """
-    folder = Path(folder)
-    old = folder.with_name(folder.name + ".old")
-    if not folder.exists() and (old / "state.json").exists():
-        os.replace(old, folder)
-    if folder.parent.is_dir():
-        for stale in folder.parent.glob(f"{folder.name}.tmp-*"):
-            shutil.rmtree(stale, ignore_errors=True)
+    recover_folder(folder, complete=STATE)
 
 
 def load_checkpoint_state(folder: Path) -> dict[str, Any]:
@@ -141,16 +109,16 @@ def load_checkpoint_state(folder: Path) -> dict[str, Any]:
     :param folder: the checkpoint folder
     :return: its state
     """
-    required = ["agent.zip", "reconstructor/model.safetensors", "config.json", "state.json"]
+    required = [AGENT_ZIP, f"{RECONSTRUCTOR}/model.safetensors", CONFIG, STATE]
     missing = [name for name in required if not (folder / name).exists()]
     if missing:
         raise CheckpointError(_unusable(folder, f"is incomplete (missing {', '.join(missing)})"))
     try:
-        state = json.loads((folder / "state.json").read_text())
+        state = json.loads((folder / STATE).read_text())
         int(state["num_timesteps"])
     except (ValueError, KeyError, TypeError, UnicodeDecodeError):
         raise CheckpointError(_unusable(folder, "is corrupt (unreadable state.json)")) from None
-    for name in ("reconstructor_optimizer.pt", DISTILL_OPTIMIZER):
+    for name in (RECONSTRUCTOR_OPTIMIZER, DISTILL_OPTIMIZER):
         optimizer = folder / name
         if optimizer.exists():  # read it now, so a resume fails before it writes anything
             try:
@@ -174,20 +142,9 @@ def verify_agent_file(folder: Path, trust_pickle: bool = False) -> None:
         you made yourself
     :raises CheckpointError: when the hash is missing or differs
     """
-    if trust_pickle:
-        return
-    recorded = load_checkpoint_state(folder).get("agent_sha256")
-    if not recorded:
-        raise CheckpointError(
-            f"checkpoint '{folder}' records no SHA-256 of its agent.zip (written by an older version), and agent.zip is a "
-            "pickle that can run code when loaded: if you made this run yourself, add --trust_agent_pickle true to resume it"
-        )
-    if file_sha256(folder / "agent.zip") != recorded:
-        raise CheckpointError(
-            f"'{folder / 'agent.zip'}' is not the file this run wrote (its SHA-256 differs from the one in state.json): "
-            "it was replaced or damaged, and it is a pickle that can run code, so it is not loaded; restore the original "
-            "or start over with another --run_name"
-        )
+    if not trust_pickle:
+        load_checkpoint_state(folder)
+    verify_agent_zip(folder / AGENT_ZIP, trust_pickle)
 
 
 def load_reconstructor_optimizer(finetune: ReconstructorFinetuneCallback, folder: Path) -> None:
@@ -196,7 +153,7 @@ def load_reconstructor_optimizer(finetune: ReconstructorFinetuneCallback, folder
     :param finetune: the callback whose optimizer to restore
     :param folder: the checkpoint folder
     """
-    path = folder / "reconstructor_optimizer.pt"
+    path = folder / RECONSTRUCTOR_OPTIMIZER
     if path.exists():
         try:
             finetune.optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -241,7 +198,7 @@ class JointCheckpointCallback(BaseCallback):
 
         :return: ``<run_dir>/checkpoints/latest``
         """
-        return self.run_dir / "checkpoints" / LATEST
+        return latest_checkpoint(self.run_dir)
 
     def _init_callback(self) -> None:
         self._last_saved = self.num_timesteps

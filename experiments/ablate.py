@@ -47,6 +47,7 @@ from experiments.evaluate import EvaluateConfig, run_evaluation
 from experiments.train_ppo import TrainConfig, train
 from tokencompress_env.errors import ConfigError
 from tokencompress_env.evaluation import POOLED, WINDOW_STATS_FILE, paired_difference_between
+from tokencompress_env.run_folder import CHECKPOINTS, CONFIG, REFERENCE_RECONSTRUCTOR, has_checkpoint, is_finished_run
 
 ROOT = Path(__file__).resolve().parent
 
@@ -137,9 +138,9 @@ def _branch_from_distillation(source: Path, target: Path, values: dict[str, Any]
     """
     partial = target.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
-    shutil.copytree(source / "checkpoints", partial / "checkpoints")
-    shutil.copytree(source / "reference_reconstructor", partial / "reference_reconstructor")
-    (partial / "config.json").write_text(json.dumps(values, indent=2, sort_keys=True))
+    shutil.copytree(source / CHECKPOINTS, partial / CHECKPOINTS)
+    shutil.copytree(source / REFERENCE_RECONSTRUCTOR, partial / REFERENCE_RECONSTRUCTOR)
+    (partial / CONFIG).write_text(json.dumps(values, indent=2, sort_keys=True))
     partial.rename(target)
 
 
@@ -162,14 +163,14 @@ def train_variant(config: AblateConfig, variant: str, seed: int) -> Path:
         values["init_policy"] = str(train_variant(config, "distill_only", seed))
     train_config = build_config(TrainConfig, values, where=f"variant '{variant}'")
     run_dir = train_config.run_dir
-    if (run_dir / "agent.zip").exists():
+    if is_finished_run(run_dir):
         return run_dir
     if variant in SHARED_DISTILLATION and train_config.distill_steps > 0 and not run_dir.exists():
         source = train_variant(config, "distill_only", seed)
         resolved = asdict(train_config)
         resolved.pop("trust_agent_pickle", None)
         _branch_from_distillation(source, run_dir, resolved)
-    train_config.resume = (run_dir / "checkpoints" / "latest" / "state.json").exists()
+    train_config.resume = has_checkpoint(run_dir)
     summary = train(train_config)
     if summary["interrupted"]:
         raise KeyboardInterrupt

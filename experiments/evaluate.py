@@ -50,6 +50,7 @@ import datasets
 import numpy as np
 
 from experiments.config import check_output_dir, cli_main, parse_config
+from tokencompress_env import run_folder
 from tokencompress_env.baselines import (
     BASELINE_NAMES,
     BASELINES,
@@ -73,7 +74,7 @@ from tokencompress_env.data import (
     window_continuations,
     window_doc_ids,
 )
-from tokencompress_env.errors import CheckpointError, ConfigError, InputError, ReconstructorLoadError
+from tokencompress_env.errors import CheckpointError, ConfigError, InputError
 from tokencompress_env.evaluation import (
     METHOD_NAMES,
     WINDOW_STATS_FILE,
@@ -87,6 +88,7 @@ from tokencompress_env.evaluation import (
     write_window_stats,
 )
 from tokencompress_env.reconstructor import BUILD_INFO, Reconstructor, parse_device, resolve_device
+from tokencompress_env.run_folder import RunBundle
 from tokencompress_env.units import check_units
 
 
@@ -190,73 +192,21 @@ class EvaluateConfig:
 
 
 # ---------------------------------------------------------------------------- runs
-@dataclass
-class RunBundle:
-    """What a trained run folder provides to the evaluation.
-
-    :param run_dir: the folder
-    :param config: its ``config.json`` (empty when missing)
-    :param reference: the frozen pretrained reconstructor (``reference_reconstructor/``)
-    :param joint: the jointly trained reconstructor (``reconstructor/``), ``None`` when missing
-    :param agent: the trained policy (:class:`agents.artifact.PolicyArtifact`, from ``policy.safetensors`` and
-        ``policy.json``), ``None`` when missing or unloadable
-    :param problems: why a part is missing (shown to the user)
-    """
-
-    run_dir: Path
-    config: dict[str, Any]
-    reference: Reconstructor
-    joint: Reconstructor | None = None
-    agent: Any = None
-    problems: list[str] = field(default_factory=list)
-
-
 def load_run(run_dir: str | Path, device: str = "auto", load_agent: bool = True) -> RunBundle:
     """Load a run folder defensively: the reference reconstructor is required, the rest reported if missing.
+
+    The one reader of run folders, :func:`tokencompress_env.run_folder.load_run`, in its non-strict mode.
 
     :param run_dir: the run folder
     :param device: where to put the models
     :param load_agent: load the policy (not needed for baselines); from its safe artifact, never from ``agent.zip``
     :return: the bundle
+    :raises InputError: when the folder or its reference reconstructor is missing
     """
-    root = Path(run_dir).expanduser()
-    if not root.is_dir():
-        raise InputError(f"run folder '{run_dir}' does not exist: pass a folder written by experiments.train_ppo")
-    config: dict[str, Any] = {}
-    problems: list[str] = []
-    if (root / "config.json").is_file():
-        try:
-            loaded = json.loads((root / "config.json").read_text())
-            config = loaded if isinstance(loaded, dict) else {}
-        except json.JSONDecodeError as exc:
-            problems.append(f"config.json is not valid JSON ({exc})")
-    else:
-        problems.append("no config.json")
-    if not (root / "reference_reconstructor").is_dir():
-        raise InputError(f"run folder '{root}' holds no reference_reconstructor/: is it a run written by experiments.train_ppo?")
-    reference = Reconstructor.from_pretrained(root / "reference_reconstructor", device=device)
-    joint = None
-    if (root / "reconstructor").is_dir():
-        try:
-            joint = Reconstructor.from_pretrained(root / "reconstructor", device=device)
-        except ReconstructorLoadError as exc:
-            problems.append(f"joint reconstructor not loaded: {exc}")
-    else:
-        problems.append("no reconstructor/ (the run has not finished?): scoring with the reference reconstructor only")
-    agent = None
-    if load_agent:
-        from agents.artifact import POLICY_WEIGHTS, has_policy_artifact, load_policy_artifact, missing_artifact_message
-
-        if has_policy_artifact(root):
-            try:
-                agent = load_policy_artifact(root, reference.device)
-            except CheckpointError as exc:
-                problems.append(f"policy not loaded: {exc}")
-        elif (root / "agent.zip").is_file():
-            problems.append(missing_artifact_message(root))
-        else:
-            problems.append(f"no {POLICY_WEIGHTS}")
-    return RunBundle(root, config, reference, joint, agent, problems)
+    try:
+        return run_folder.load_run(run_dir, device, strict=False, load_agent=load_agent, load_reference=True)
+    except CheckpointError as exc:
+        raise InputError(str(exc)) from None
 
 
 # ---------------------------------------------------------------------------- data
@@ -583,7 +533,7 @@ def _run_seq_len(run_dir: str) -> int | None:
     :return: its ``seq_len``
     """
     try:
-        saved = json.loads((Path(run_dir).expanduser() / "config.json").read_text())
+        saved = json.loads((Path(run_dir).expanduser() / run_folder.CONFIG).read_text())
         return int(saved["seq_len"])
     except (OSError, ValueError, KeyError, TypeError):
         return None  # load_run reports a missing or broken config.json

@@ -29,6 +29,7 @@ from experiments.evaluate import EvaluateConfig, run_evaluation
 from experiments.train_ppo import TrainConfig, train
 from tokencompress_env.baselines import BASELINE_NAMES
 from tokencompress_env.reconstructor import Reconstructor
+from tokencompress_env.run_folder import has_checkpoint, is_finished_run
 
 ROOT = Path(__file__).resolve().parent
 
@@ -93,10 +94,10 @@ def quickstart(config: QuickstartConfig) -> dict[str, Any]:
     }
     train_config = build_config(TrainConfig, values, where=f"config file '{config.train_config}'")
     run_dir = train_config.run_dir
-    if (run_dir / "agent.zip").exists():
+    if is_finished_run(run_dir):
         print(f"reusing the finished run in {run_dir} (delete it to train again)")
     else:
-        train_config.resume = (run_dir / "checkpoints" / "latest" / "state.json").exists()
+        train_config.resume = has_checkpoint(run_dir)
         if train_config.resume:
             print(f"resuming the interrupted run in {run_dir}")
         summary = train(train_config)

@@ -29,8 +29,8 @@ line and exit with code 2; a finished run exits with 0.
 from __future__ import annotations
 
 import json
-import shutil
 import signal
+import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
@@ -41,15 +41,13 @@ from typing import Any
 import torch
 from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import CallbackList
-from stable_baselines3.common.logger import configure
+from stable_baselines3.common.logger import HumanOutputFormat, Logger, configure
 from stable_baselines3.common.vec_env import VecMonitor
 
-from agents.algorithms import canonical_name, get_algorithm, make_model
+from agents.algorithms import canonical_name, load_model, make_model
 from agents.artifact import load_policy_artifact
 from agents.distill import DISTILL_TARGETS, distill_policy
 from callbacks.checkpoint import (
-    DISTILL_OPTIMIZER,
-    LATEST,
     JointCheckpointCallback,
     load_checkpoint_state,
     load_reconstructor_optimizer,
@@ -62,6 +60,17 @@ from callbacks.metrics import CompressionMetricsCallback
 from experiments.config import build_config, check_output_dir, cli_main, config_fields, parse_config_values
 from tokencompress_env.errors import CheckpointError, ConfigError, ReconstructorLoadError, TokenCompressError
 from tokencompress_env.reconstructor import SCORING_DTYPES, Reconstructor, parse_device, resolve_device
+from tokencompress_env.run_folder import (
+    AGENT_ZIP,
+    CONFIG,
+    DISTILL_OPTIMIZER,
+    RECONSTRUCTOR,
+    REFERENCE_RECONSTRUCTOR,
+    TENSORBOARD,
+    is_finished_run,
+    latest_checkpoint,
+    publish_run_result,
+)
 from tokencompress_env.sb3_vec_env import TokenMaskSB3VecEnv
 from tokencompress_env.units import check_units
 from tokencompress_env.vector_env import TokenMaskVectorEnv
@@ -326,7 +335,7 @@ def saved_run_config(run_dir: Path) -> dict[str, Any] | None:
     :param run_dir: the run folder
     :return: key -> value as saved
     """
-    path = run_dir / "config.json"
+    path = run_dir / CONFIG
     if not path.is_file():
         return None
     try:
@@ -380,7 +389,7 @@ def _prepare_run_dir(config: TrainConfig) -> Reconstructor:
     :return: the reconstructor (from the checkpoint when resuming)
     """
     run_dir = config.run_dir
-    latest = run_dir / "checkpoints" / "latest"
+    latest = latest_checkpoint(run_dir)
     if config.resume:
         saved = saved_run_config(run_dir)
         conflicts = [] if saved is None else resume_conflicts(config, saved)
@@ -395,10 +404,10 @@ def _prepare_run_dir(config: TrainConfig) -> Reconstructor:
         load_checkpoint_state(latest)
         verify_agent_file(latest, config.trust_agent_pickle)
         try:
-            reconstructor = Reconstructor.from_pretrained(latest / "reconstructor", device=config.device)
+            reconstructor = Reconstructor.from_pretrained(latest / RECONSTRUCTOR, device=config.device)
         except ReconstructorLoadError as exc:
             raise CheckpointError(f"cannot resume from '{latest}': {exc}") from None
-    elif latest.exists() or (run_dir / "agent.zip").exists():
+    elif latest.exists() or is_finished_run(run_dir):
         raise TokenCompressError(
             f"run folder '{run_dir}' already holds a run: pass --resume true to continue it, or choose another --run_name"
         )
@@ -411,6 +420,19 @@ def _prepare_run_dir(config: TrainConfig) -> Reconstructor:
             f"pass --seq_len {fits} or less"
         )
     return reconstructor
+
+
+def quiet_logger(verbose: int) -> Logger:
+    """An SB3 logger that writes no files: standard output when ``verbose``, else nothing.
+
+    Without TensorBoard, SB3's ``learn`` configures its logger with ``configure(None, ...)``, which creates
+    a folder ``SB3-<date>`` in the system's temporary directory and leaves it there; training sets this
+    logger instead.
+
+    :param verbose: SB3 verbosity (0: no output)
+    :return: the logger
+    """
+    return Logger(folder=None, output_formats=[HumanOutputFormat(sys.stdout)] if verbose else [])
 
 
 def _init_policy_from(model: BaseAlgorithm, folder: str) -> None:
@@ -439,17 +461,10 @@ def _load_agent(config: TrainConfig, latest: Path, env: VecMonitor) -> BaseAlgor
     :param env: the training environment
     :return: the agent
     """
-    spec = get_algorithm(config.algo)
-    verify_agent_file(latest, config.trust_agent_pickle)  # checked again right before unpickling
-    try:
-        model: BaseAlgorithm = spec.algo_class.load(latest / "agent.zip", env=env, device=str(resolve_device(config.device)))
-    except Exception as exc:  # truncated zip, wrong algorithm or spaces: the same user-facing problem
-        first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
-        raise CheckpointError(
-            f"cannot resume: '{latest / 'agent.zip'}' does not load as a {canonical_name(config.algo)} agent ({first}); "
-            f"the checkpoint is damaged: restore it from a backup, or start a new run with another --run_name"
-        ) from None
-    return model
+    # load_model checks agent.zip's SHA-256 (recorded in state.json) right before unpickling it
+    return load_model(
+        config.algo, latest / AGENT_ZIP, env=env, trust_pickle=config.trust_agent_pickle, device=str(resolve_device(config.device))
+    )
 
 
 def _distill(
@@ -475,7 +490,7 @@ def _distill(
     :param resolved: the config saved with the checkpoints
     :return: the distillation report (``None`` when nothing was left to distil) and whether Ctrl-C stopped it
     """
-    latest = config.run_dir / "checkpoints" / LATEST
+    latest = latest_checkpoint(config.run_dir)
     start, optimizer_state = 0, None
     if config.resume:
         state = load_checkpoint_state(latest)
@@ -499,7 +514,7 @@ def _distill(
         return not stop
 
     windows = env.venv.venv.core.windows  # type: ignore[attr-defined]
-    distill_logger = configure(str(config.run_dir / "tb" / "distill"), ["tensorboard"]) if config.tensorboard else None
+    distill_logger = configure(str(config.run_dir / TENSORBOARD / "distill"), ["tensorboard"]) if config.tensorboard else None
     previous = signal.signal(signal.SIGINT, on_sigint)
     try:
         report = distill_policy(
@@ -543,8 +558,8 @@ def train(config: TrainConfig) -> dict[str, Any]:
     resolved = asdict(config)
     resolved.pop("trust_agent_pickle")  # a trust given once on the command line is never inherited through config.json
     env = make_training_env(config, reconstructor)  # loads the corpus: fails before anything is written
-    tensorboard_log = str(run_dir / "tb") if config.tensorboard else None
-    latest = run_dir / "checkpoints" / "latest"
+    tensorboard_log = str(run_dir / TENSORBOARD) if config.tensorboard else None
+    latest = latest_checkpoint(run_dir)
     model: BaseAlgorithm
     if config.resume:
         model = _load_agent(config, latest, env)
@@ -563,10 +578,12 @@ def train(config: TrainConfig) -> dict[str, Any]:
         )
         if config.init_policy:
             _init_policy_from(model, config.init_policy)
+    if tensorboard_log is None:
+        model.set_logger(quiet_logger(config.verbose))
     run_dir.mkdir(parents=True, exist_ok=True)
     if not config.resume:
-        reconstructor.save_pretrained(run_dir / "reference_reconstructor", build_info={"source": config.reconstructor})
-    (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+        reconstructor.save_pretrained(run_dir / REFERENCE_RECONSTRUCTOR, build_info={"source": config.reconstructor})
+    (run_dir / CONFIG).write_text(json.dumps(resolved, indent=2, sort_keys=True))
     finetune = (
         ReconstructorFinetuneCallback(
             reconstructor,
@@ -625,18 +642,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
     }
     if not interrupted:
         # The final checkpoint is the run's result: publish a copy of it at the run's root.
-        shutil.rmtree(run_dir / "final.tmp", ignore_errors=True)
-        shutil.copytree(checkpoint.save(), run_dir / "final.tmp")
-        for name in ("policy.safetensors", "policy.json", "agent.zip", "reconstructor", "reconstructor_optimizer.pt", "state.json"):
-            target = run_dir / name
-            if target.is_dir():
-                shutil.rmtree(target)
-            elif target.exists():
-                target.unlink()
-            source = run_dir / "final.tmp" / name
-            if source.exists():
-                source.rename(target)
-        shutil.rmtree(run_dir / "final.tmp", ignore_errors=True)
+        publish_run_result(checkpoint.save(), run_dir)
     return summary
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -65,3 +66,20 @@ def test_windows(test_reconstructor: Reconstructor) -> dict[str, np.ndarray]:
     """Windows of the embedded corpus in the test tokenizer, per split (``[N, TEST_SEQ_LEN]``)."""
     windows = prepare_corpus(CorpusSpec(seq_len=TEST_SEQ_LEN), test_reconstructor.tokenizer)
     return {split: window_array(ds) for split, ds in windows.items()}
+
+
+def refuse_connections(monkeypatch: pytest.MonkeyPatch) -> list[object]:
+    """Make every socket connection attempt fail at once, and record it (a deterministic stand-in for timing).
+
+    :param monkeypatch: the test's monkeypatch
+    :return: the list the attempted addresses are appended to
+    """
+    attempts: list[object] = []
+
+    def refuse(self: socket.socket, address: object) -> None:
+        attempts.append(address)
+        raise OSError(f"network connections are refused in this test ({address!r})")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket.socket, "connect_ex", refuse)
+    return attempts

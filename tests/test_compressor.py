@@ -69,6 +69,7 @@ def _check_consistent(compressor: Compressor, r: CompressionResult) -> None:
     assert r.kept_mask.dtype == bool and r.kept_mask.shape == (r.origin_tokens,)
     assert np.array_equal(r.ids, r.origin_ids[r.kept_mask])
     assert r.compressed_tokens == int(r.kept_mask.sum()) == len(r.ids)
+    assert np.array_equal(r.dropped_mask, ~r.kept_mask)  # the project's usual mask: True where dropped
     assert r.achieved_mask_rate == pytest.approx(1 - r.compressed_tokens / r.origin_tokens)
     assert r.text == compressor.tokenizer.decode(r.ids.tolist())
 
@@ -89,7 +90,7 @@ def test_single_window_rate_is_exact_and_uses_the_shared_ranking(compressor: Com
         win[0, :n] = ids
         valid = np.arange(compressor.seq_len)[None] < n
         logits = window_mask_logits(compressor.agent, win, valid, np.zeros_like(valid), rate)
-        assert np.array_equal(~r.kept_mask, logits_to_mask(logits, rate, valid)[0, :n])
+        assert np.array_equal(r.dropped_mask, logits_to_mask(logits, rate, valid)[0, :n])
 
 
 def test_long_text_is_compressed_window_by_window(compressor: Compressor) -> None:
@@ -562,3 +563,28 @@ def test_long_words_that_miss_the_rate_say_so(compressor: Compressor) -> None:
     assert word.warning is not None and "whole words let only" in word.warning and "units='piece'" in word.warning
     piece = _compress_one(compressor, text, mask_rate=0.5, units="piece")
     assert abs(piece.achieved_mask_rate - 0.5) < 0.05 and piece.warning is None
+
+
+# ---------------------------------------------------------------------------- the force-keep table cache
+def test_force_keep_table_cache_is_keyed_by_the_tokenizer_itself(test_reconstructor) -> None:
+    """Each tokenizer object gets its own table, and a collected tokenizer's table is gone (never served to another)."""
+    import copy
+    import gc
+    from types import SimpleNamespace
+
+    from tokencompress_env import compressor as module
+    from tokencompress_env.env import force_keep_token_table
+
+    first = module._cached_table(test_reconstructor, keep_digits=False)
+    assert module._cached_table(test_reconstructor, keep_digits=False) is first
+    tokenizer = copy.deepcopy(test_reconstructor.tokenizer)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<never dropped>"]})
+    other = SimpleNamespace(tokenizer=tokenizer, vocab_size=test_reconstructor.vocab_size)
+    table = module._cached_table(other, keep_digits=False)  # type: ignore[arg-type]
+    assert np.array_equal(table, force_keep_token_table(other, False))  # type: ignore[arg-type]
+    assert table.sum() == first.sum() + 1 and len(table) == max(test_reconstructor.vocab_size, len(tokenizer))
+    entries = len(module._TABLES)
+    del other, tokenizer, table
+    gc.collect()
+    assert len(module._TABLES) == entries - 1  # no table outlives its tokenizer, so no id() can be reused to reach it
+    assert module._cached_table(test_reconstructor, keep_digits=False) is first

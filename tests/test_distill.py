@@ -112,3 +112,78 @@ def test_distillation_learns_to_drop_a_planted_predictable_token_first(target: s
     assert before < 0.5  # an untrained policy does not know the pattern (chance is 3/32 per pick)
     assert after > 0.9, (before, after, report)
     assert report["last_loss"] < report["first_loss"]
+
+
+class _Recorder:
+    """Stand-in for an SB3 logger (records ``distill/*`` scalars) and a scorer spy (records what it returned)."""
+
+    def __init__(self) -> None:
+        self.scalars: dict[str, list[float]] = {}
+        self.surprisal: list[th.Tensor] = []
+        self.valid: list[th.Tensor] = []
+
+    def record(self, key: str, value: float) -> None:
+        self.scalars.setdefault(key, []).append(float(value))
+
+    def dump(self, step: int) -> None:
+        pass
+
+
+class _PositionalScorer(PlantedScorer):
+    """The planted scorer with a distinct cost per token and position (no ties), recording what it returned."""
+
+    def __init__(self, recorder: _Recorder) -> None:
+        self.recorder = recorder
+
+    def score(self, ids: th.Tensor, context: th.Tensor, valid: th.Tensor, dtype: Any = None) -> _Scores:
+        scores = super().score(ids, context, valid, dtype)
+        surprisal = scores.surprisal + th.arange(ids.shape[1]).float() * 1e-3
+        self.recorder.surprisal.append(surprisal.clone())
+        self.recorder.valid.append(th.as_tensor(valid, dtype=th.bool).clone())
+        return _Scores(surprisal)
+
+
+def test_distillation_labels_are_the_cheapest_tokens_and_agreement_rises(monkeypatch: pytest.MonkeyPatch) -> None:
+    """End to end: every label set the policy is trained on is the round(r * n) cheapest maskable tokens under the
+    reconstructor's surprisal (force-kept and padding never labelled), and the policy's agreement with them rises."""
+    recorder = _Recorder()
+    targets: list[th.Tensor] = []
+    bce = th.nn.functional.binary_cross_entropy_with_logits
+
+    def spy(logits: th.Tensor, target: th.Tensor, **kwargs: Any) -> th.Tensor:
+        targets.append(target.detach().cpu().clone())
+        return bce(logits, target, **kwargs)
+
+    monkeypatch.setattr(th.nn.functional, "binary_cross_entropy_with_logits", spy)
+    train = planted_windows(256, seed=0)
+    valid = np.ones(train.shape, dtype=bool)
+    valid[::2, -4:] = False  # right padding in every other window
+    force_keep = np.zeros(train.shape, dtype=bool)
+    force_keep[:, 5] = True
+    low, high = 0.05, 0.3
+    report = distill_policy(
+        _policy(),
+        _PositionalScorer(recorder),  # type: ignore[arg-type]
+        train,
+        valid,
+        force_keep,
+        steps=120,
+        batch_size=16,
+        learning_rate=3e-3,
+        rate_range=(low, high),
+        progress=False,
+        logger=recorder,
+    )
+    assert len(targets) == len(recorder.surprisal) == 120
+    for labels, surprisal, real in zip(targets, recorder.surprisal, recorder.valid, strict=True):
+        assert set(labels.unique().tolist()) <= {0.0, 1.0}
+        for row, cost, maskable in zip(labels > 0, surprisal, real, strict=True):
+            maskable = maskable.clone()
+            maskable[5] = False  # force-kept
+            n, k = int(maskable.sum()), int(row.sum())
+            assert not row[~maskable].any()  # never a force-kept or padding token
+            assert np.floor(low * n + 0.5) <= k <= np.floor(high * n + 0.5)  # the budget of a rate in the range
+            if 0 < k < n:
+                assert cost[row].max() < cost[maskable & ~row].min()  # the k cheapest, no others
+    agreement = recorder.scalars["distill/label_agreement"]
+    assert agreement[0] < 0.5 and report["label_agreement"] > 0.7 and np.mean(agreement[-3:]) > agreement[0] + 0.3, agreement

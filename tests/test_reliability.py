@@ -647,8 +647,8 @@ def test_bad_input_subprocess(case: Case, paths: Paths, finished_run: Path, tc_h
 
 
 def test_real_hub_names_offline_subprocess(paths: Paths, tc_home: Path, tmp_path: Path) -> None:
-    """Real hub names (with an empty hub cache) fail fast with the one-line offline message."""
-    started = time.perf_counter()
+    """Real hub names (with an empty hub cache) fail with the one-line offline message (that they try no connection
+    is checked in-process, by test_data and test_reconstructor; here ``_run_module``'s timeout guards against a hang)."""
     result = _run_module(
         "experiments.prepare_data", ["--reconstructor", "gpt2", "--output_dir", str(paths.out)], tc_home, hf_home=tmp_path / "hf"
     )
@@ -658,7 +658,6 @@ def test_real_hub_names_offline_subprocess(paths: Paths, tc_home: Path, tmp_path
     assert result.returncode == 2
     assert "'wikitext'" in _error_line(result.stderr) and "Offline?" in result.stderr
     assert not (paths.runs / "new").exists()
-    assert time.perf_counter() - started < 120
 
 
 # ---------------------------------------------------------------------------------------------- the same through the API

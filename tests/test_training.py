@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -163,3 +164,26 @@ def test_distillation_only_run(tmp_path, test_reconstructor_dir):
     assert (tmp_path / "debug" / "agent.zip").exists()
     with pytest.raises(Exception, match="total_timesteps must be 0"):
         TrainConfig(**{**base, "total_timesteps": -1}).validate()
+
+
+def test_run_leaves_reference_unchanged_and_no_sb3_temp_folder(tmp_path, test_reconstructor_dir, monkeypatch):
+    """A joint run changes its reconstructor, never the reference; without TensorBoard it writes nothing to /tmp."""
+    from safetensors.torch import load_file
+
+    system_tmp = tmp_path / "system_tmp"
+    system_tmp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(system_tmp))  # where SB3's configure(None, ...) would put SB3-<date>/
+    monkeypatch.delenv("SB3_LOGDIR", raising=False)
+    source = load_file(str(test_reconstructor_dir / "model.safetensors"))
+    base = {k: v for k, v in json.loads(DEBUG.read_text()).items() if not k.startswith("_")}
+    values = {"runs_dir": str(tmp_path / "runs"), "reconstructor": str(test_reconstructor_dir), "total_timesteps": 64}
+    summary = train(TrainConfig(**{**base, **values, "tensorboard": False, "device": "cpu"}))
+    assert summary["finetune_rounds"] >= 1
+    run = Path(summary["run_dir"])
+    reference = load_file(str(run / "reference_reconstructor" / "model.safetensors"))
+    joint = load_file(str(run / "reconstructor" / "model.safetensors"))
+    assert reference.keys() == source.keys() and all(torch.equal(reference[k], source[k]) for k in source)
+    assert any(not torch.equal(joint[k], source[k]) for k in source)  # the run did train its own copy
+    assert load_file(str(test_reconstructor_dir / "model.safetensors")).keys() == source.keys()
+    assert all(torch.equal(load_file(str(test_reconstructor_dir / "model.safetensors"))[k], v) for k, v in source.items())
+    assert not list(system_tmp.glob("SB3-*")) and not (run / "tb").exists()

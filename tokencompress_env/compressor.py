@@ -45,9 +45,9 @@ as slow as self-information scoring.
 
 from __future__ import annotations
 
-import json
 import math
 import numbers
+import weakref
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -58,8 +58,9 @@ import torch
 
 from tokencompress_env.baselines import LogitFn, MaskMethod, budget_mask, mask_budget, segment_budgets
 from tokencompress_env.env import force_keep_token_table
-from tokencompress_env.errors import CheckpointError, ConfigError, InputError, ReconstructorLoadError, TokenCompressError
-from tokencompress_env.reconstructor import Reconstructor, resolve_device
+from tokencompress_env.errors import CheckpointError, ConfigError, InputError, ReconstructorLoadError
+from tokencompress_env.reconstructor import Reconstructor
+from tokencompress_env.run_folder import load_run
 from tokencompress_env.units import check_units, decode_ids, spread_to_units, unit_starts
 
 #: Observation ``decisions`` codes (TokenMask-v0's ``UNDECIDED``, ``KEPT`` and ``MASKED``).
@@ -76,7 +77,9 @@ UNIT_SHORTFALL_WARNING = 0.02
 
 
 # ---------------------------------------------------------------------------- force-keep
-_TABLES: dict[tuple[int, bool], np.ndarray] = {}
+#: Force-keep tables by tokenizer object, then by ``(vocab_size, keep_digits)``. Keyed by the object itself
+#: (weakly), not by ``id()``: the id of a tokenizer that was garbage-collected can be reused by another one.
+_TABLES: weakref.WeakKeyDictionary[Any, dict[tuple[int, bool], np.ndarray]] = weakref.WeakKeyDictionary()
 
 
 def _cached_table(reconstructor: Reconstructor, keep_digits: bool) -> np.ndarray:
@@ -86,10 +89,11 @@ def _cached_table(reconstructor: Reconstructor, keep_digits: bool) -> np.ndarray
     :param keep_digits: flag digits
     :return: ``[vocab]`` bool
     """
-    key = (id(reconstructor.tokenizer), bool(keep_digits))
-    if key not in _TABLES:
-        _TABLES[key] = force_keep_token_table(reconstructor, keep_digits)
-    return _TABLES[key]
+    tables = _TABLES.setdefault(reconstructor.tokenizer, {})
+    key = (int(reconstructor.vocab_size), bool(keep_digits))
+    if key not in tables:
+        tables[key] = force_keep_token_table(reconstructor, keep_digits)
+    return tables[key]
 
 
 def _string_spans(text: str, strings: Sequence[str]) -> list[tuple[int, int]]:
@@ -270,7 +274,9 @@ class CompressionResult:
 
     :param text: the compressed text (the kept tokens decoded)
     :param ids: ``[compressed_tokens]`` ids of the kept tokens
-    :param kept_mask: ``[origin_tokens]`` bool, ``True`` where the original token is kept
+    :param kept_mask: ``[origin_tokens]`` bool, ``True`` where the original token is **kept**: the complement
+        of every other mask of the project (the env's actions, the baselines' masks, the reconstructor's
+        ``mask``), which are ``True`` where a token is dropped; :attr:`dropped_mask` is that one
     :param origin_ids: ``[origin_tokens]`` ids of the original text
     :param origin_tokens: tokens of the original text
     :param compressed_tokens: tokens kept
@@ -304,6 +310,14 @@ class CompressionResult:
     units: str = DEFAULT_UNITS
     text_tokens: int | None = None
     warning: str | None = None
+
+    @property
+    def dropped_mask(self) -> np.ndarray:
+        """Where the original tokens were dropped: the project's usual mask, the complement of :attr:`kept_mask`.
+
+        :return: ``[origin_tokens]`` bool, ``True`` where the original token is dropped
+        """
+        return ~np.asarray(self.kept_mask, dtype=bool)
 
     def to_dict(self, arrays: bool = True) -> dict[str, Any]:
         """The fields as JSON-ready values.
@@ -349,21 +363,6 @@ def text_with_placeholders(tokenizer: Any, ids: np.ndarray, kept: np.ndarray, pl
         start = run_end
     parts.append(decode_ids(tokenizer, ids[start:]))
     return placeholder.join(parts)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    """Read a run's ``config.json``, with a clear error when it is unreadable.
-
-    :param path: the file
-    :return: the object
-    """
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"'{path}' is not a readable JSON file (corrupt?): {exc}") from None
-    if not isinstance(data, dict):
-        raise CheckpointError(f"'{path}' must hold a JSON object")
-    return data
 
 
 # ---------------------------------------------------------------------------- the compressor
@@ -412,7 +411,8 @@ class Compressor:
         Needs ``config.json``, ``policy.safetensors`` + ``policy.json`` (the policy, rebuilt without
         unpickling anything: :mod:`agents.artifact`) and ``reconstructor/`` (the jointly trained
         reconstructor, safetensors); ``reference_reconstructor/`` is only needed for
-        ``reconstruct(..., reference=True)``. ``agent.zip`` (a pickle) is never read.
+        ``reconstruct(..., reference=True)``. ``agent.zip`` (a pickle) is never read. The folder is read
+        by :func:`tokencompress_env.run_folder.load_run`.
 
         :param run_dir: the run folder
         :param device: ``"auto"`` (CUDA, MPS or CPU), ``"cpu"``, ``"cuda"``, ...
@@ -421,27 +421,9 @@ class Compressor:
         :raises CheckpointError: when the folder is missing, incomplete or corrupt (the message says
             what is missing; a :class:`TokenCompressError`)
         """
-        root = Path(run_dir).expanduser()
-        if not root.is_dir():
-            raise CheckpointError(f"run folder '{run_dir}' does not exist: pass a folder written by experiments.train_ppo")
-        artifact = cls._artifact_module()
-        policy_files = (artifact.POLICY_WEIGHTS, artifact.POLICY_SPEC)
-        missing = [name for name in ("config.json", *policy_files, "reconstructor") if not (root / name).exists()]
-        if missing:
-            latest = root / "checkpoints" / "latest"
-            if set(missing) <= set(policy_files) and (root / "agent.zip").exists():  # a run of an older version
-                raise CheckpointError(artifact.missing_artifact_message(root))
-            hint = ""
-            if set(policy_files) & set(missing) and artifact.has_policy_artifact(latest):
-                hint = f"; training has not finished, but a checkpoint exists: load '{latest}'"
-            raise CheckpointError(f"run folder '{root}' is incomplete: missing {', '.join(missing)}{hint}")
-        config = _read_json(root / "config.json")
-        dev = resolve_device(device)
-        try:
-            reconstructor = Reconstructor.from_pretrained(root / "reconstructor", device=dev)
-        except ReconstructorLoadError as exc:
-            raise CheckpointError(f"the run's reconstructor/ cannot be loaded: {exc}") from None
-        agent = artifact.load_policy_artifact(root, dev)
+        run = load_run(run_dir, device, strict=True)
+        config, reconstructor, agent = run.config, run.joint, run.agent
+        assert reconstructor is not None and agent is not None  # strict: required
         space = agent.observation_space
         seq_len = int(space["token_ids"].shape[0])
         if "seq_len" in config and int(config["seq_len"]) != seq_len:
@@ -451,24 +433,7 @@ class Compressor:
         vocab = int(space["token_ids"].high.max()) + 1
         if vocab != reconstructor.vocab_size:
             raise CheckpointError(f"the agent's vocabulary ({vocab}) differs from the reconstructor's ({reconstructor.vocab_size})")
-        reference = root / "reference_reconstructor"
-        if not reference.is_dir() and (root.parent.parent / "reference_reconstructor").is_dir():  # a checkpoint folder
-            reference = root.parent.parent / "reference_reconstructor"
-        return cls(agent, reconstructor, config, reference if reference.is_dir() else None, batch_size)
-
-    @staticmethod
-    def _artifact_module() -> Any:
-        """The agents package's safe policy artifact module (:mod:`agents.artifact`).
-
-        :return: the module
-        """
-        try:
-            from agents import artifact
-        except ImportError as exc:
-            raise TokenCompressError(
-                f"cannot import the agents package ({exc}): reinstall the project with 'pip install -e .' from its root"
-            ) from None
-        return artifact
+        return cls(agent, reconstructor, config, run.reference_dir, batch_size)
 
     @property
     def reference(self) -> Reconstructor:

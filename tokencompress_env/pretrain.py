@@ -10,7 +10,6 @@ the step counter. Validation bits per masked token go to TensorBoard.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,6 +23,7 @@ from tqdm.auto import tqdm
 from tokencompress_env.data import EMBEDDED, CorpusSpec, count_tokens, load_documents, prepare_corpus, split_documents, window_array
 from tokencompress_env.errors import DataSourceError
 from tokencompress_env.reconstructor import Reconstructor, default_reconstructor_dir
+from tokencompress_env.run_folder import publish_folder, temp_folder
 from tokencompress_env.tokenizer import train_bpe_tokenizer
 
 #: Mask rates at which validation bits per masked token are reported.
@@ -151,17 +151,11 @@ def save_checkpoint(
     :param path: checkpoint folder
     :param extra: more facts for ``state.json``
     """
-    tmp = path.with_name(path.name + f".tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = temp_folder(path)
     reconstructor.save_pretrained(tmp)
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
-    old = path.with_name(path.name + ".old")
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    publish_folder(tmp, path)
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
@@ -342,11 +336,9 @@ def build_reconstructor(
             "build_config": asdict(config),
         }
     )
-    tmp = output_dir.with_name(output_dir.name + f".tmp-{os.getpid()}")
+    tmp = temp_folder(output_dir)
     reconstructor.save_pretrained(tmp, build_info=report)
-    if output_dir.exists():
-        shutil.rmtree(output_dir)
-    os.replace(tmp, output_dir)
+    publish_folder(tmp, output_dir)
     shutil.rmtree(partial, ignore_errors=True)
     return reconstructor, report
 
