@@ -61,6 +61,7 @@ from callbacks.joint_training import ReconstructorFinetuneCallback
 from callbacks.metrics import CompressionMetricsCallback
 from experiments.config import build_config, check_output_dir, cli_main, config_fields, parse_config_values
 from tokencompress_env.errors import CheckpointError, ConfigError, ReconstructorLoadError, TokenCompressError
+from tokencompress_env.presets import load_or_build
 from tokencompress_env.reconstructor import SCORING_DTYPES, Reconstructor, parse_device, resolve_device
 from tokencompress_env.sb3_vec_env import TokenMaskSB3VecEnv
 from tokencompress_env.units import check_units
@@ -403,7 +404,7 @@ def _prepare_run_dir(config: TrainConfig) -> Reconstructor:
             f"run folder '{run_dir}' already holds a run: pass --resume true to continue it, or choose another --run_name"
         )
     else:
-        reconstructor = Reconstructor.from_pretrained(config.reconstructor, device=config.device)
+        reconstructor = load_or_build(config.reconstructor, device=config.device)
     if reconstructor.max_seq_len < config.seq_len:
         fits = reconstructor.max_seq_len // config.chunk_size * config.chunk_size
         raise ConfigError(

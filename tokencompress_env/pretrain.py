@@ -1,4 +1,4 @@
-"""Pretraining of the offline reconstructor, and the cached default (``"tiny"``) it produces.
+"""Pretraining of the offline reconstructor, and the build settings of the presets (``"tiny"``, ``"test"``).
 
 The reconstructor learns to predict each token from the compressed left context under random masks
 at mixed mask rates (each window draws its own rate uniformly in ``[min_mask_rate, max_mask_rate]``),
@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 
 from tokencompress_env.data import EMBEDDED, CorpusSpec, count_tokens, load_documents, prepare_corpus, split_documents, window_array
 from tokencompress_env.errors import DataSourceError
-from tokencompress_env.reconstructor import Reconstructor, default_reconstructor_dir
+from tokencompress_env.reconstructor import Reconstructor
 from tokencompress_env.tokenizer import train_bpe_tokenizer
 
 #: Mask rates at which validation bits per masked token are reported.
@@ -349,18 +349,3 @@ def build_reconstructor(
     os.replace(tmp, output_dir)
     shutil.rmtree(partial, ignore_errors=True)
     return reconstructor, report
-
-
-def default_reconstructor(preset: str = "tiny", device: str | torch.device = "auto", progress: bool = True) -> Reconstructor:
-    """Return the offline preset reconstructor, building and caching it on first use.
-
-    :param preset: ``"tiny"`` (the default) or ``"test"``
-    :param device: where to run
-    :param progress: show progress while building
-    :return: the reconstructor
-    """
-    path = default_reconstructor_dir(preset)
-    if not (path / "model.safetensors").exists():
-        print(f"Building the '{preset}' reconstructor in {path} (first use only; later runs reuse it)...", flush=True)
-        build_reconstructor(PRESET_BUILDS[preset], path, device=str(device), progress=progress)
-    return Reconstructor._load_local(path, device)

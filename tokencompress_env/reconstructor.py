@@ -317,8 +317,9 @@ class Reconstructor:
     def from_pretrained(cls, name_or_path: str | Path = "tiny", device: str | torch.device = "auto") -> Reconstructor:
         """Load a reconstructor from a preset name, a local directory, or a Hugging Face hub name.
 
-        * ``"tiny"`` (the offline default): the package's own small GPT-2, built and cached on first
-          use (see :func:`tokencompress_env.pretrain.default_reconstructor`).
+        * ``"tiny"`` (the offline default) or ``"test"``: the package's own small GPT-2, read from the
+          cache. Loading never builds: a preset not built yet is an error that names the command that
+          builds it (entry points build it first with :func:`tokencompress_env.presets.load_or_build`).
         * a directory written by :meth:`save_pretrained` (or any local GPT-2 checkpoint).
         * a hub name such as ``"gpt2"`` or ``"distilgpt2"`` (needs the network); a mask token is
           added to its tokenizer and its embeddings grow by one.
@@ -328,12 +329,19 @@ class Reconstructor:
         :param name_or_path: preset, directory or hub name
         :param device: where to run
         :return: the reconstructor
+        :raises ReconstructorLoadError: for a preset not built yet, a missing or broken directory, or a hub
+            name that cannot be fetched
         """
         name = str(name_or_path)
         if name in PRESETS:
-            from tokencompress_env.pretrain import default_reconstructor
-
-            return default_reconstructor(name, device=device)
+            preset_dir = default_reconstructor_dir(name)
+            if not (preset_dir / "model.safetensors").exists():
+                raise ReconstructorLoadError(
+                    f"the '{name}' reconstructor is not built yet (no {preset_dir / 'model.safetensors'}): build it with "
+                    f"'python -m experiments.pretrain_reconstructor --preset {name}' "
+                    f"(or tokencompress_env.presets.ensure_preset('{name}'))"
+                )
+            return cls._load_local(preset_dir, device)
         path = Path(name).expanduser()
         if path.exists():
             return cls._load_local(path, device)
