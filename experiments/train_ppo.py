@@ -64,6 +64,7 @@ from tokencompress_env.errors import CheckpointError, ConfigError, Reconstructor
 from tokencompress_env.presets import load_or_build
 from tokencompress_env.reconstructor import SCORING_DTYPES, Reconstructor, parse_device, resolve_device
 from tokencompress_env.sb3_vec_env import TokenMaskSB3VecEnv
+from tokencompress_env.trainer import ReconstructorTrainer
 from tokencompress_env.units import check_units
 from tokencompress_env.vector_env import TokenMaskVectorEnv
 
@@ -457,7 +458,7 @@ def _distill(
     config: TrainConfig,
     model: BaseAlgorithm,
     reconstructor: Reconstructor,
-    finetune: ReconstructorFinetuneCallback | None,
+    trainer: ReconstructorTrainer | None,
     env: VecMonitor,
     resolved: dict[str, Any],
 ) -> tuple[dict[str, Any] | None, bool]:
@@ -471,7 +472,7 @@ def _distill(
     :param config: the run config
     :param model: the agent whose policy is distilled
     :param reconstructor: the reconstructor (teacher)
-    :param finetune: the fine-tuning callback (its optimizer goes into the checkpoints), if any
+    :param trainer: the reconstructor's trainer (its optimizer goes into the checkpoints), if any
     :param env: the training environment (its windows are the distillation data)
     :param resolved: the config saved with the checkpoints
     :return: the distillation report (``None`` when nothing was left to distil) and whether Ctrl-C stopped it
@@ -496,7 +497,7 @@ def _distill(
         due = config.distill_save_freq > 0 and step % config.distill_save_freq == 0
         if stop or due or step >= config.distill_steps:
             state = {"phase": "distill", "distill_step": step}
-            save_run_artifacts(latest, model, reconstructor, finetune, resolved, state, distill_optimizer=optimizer)
+            save_run_artifacts(latest, model, reconstructor, trainer, resolved, state, distill_optimizer=optimizer)
         return not stop
 
     windows = env.venv.venv.core.windows  # type: ignore[attr-defined]
@@ -568,10 +569,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if not config.resume:
         reconstructor.save_pretrained(run_dir / "reference_reconstructor", build_info={"source": config.reconstructor})
     (run_dir / "config.json").write_text(json.dumps(resolved, indent=2, sort_keys=True))
+    # The reconstructor's trainer (model, optimizer, rounds) is shared by the fine-tuning and checkpoint callbacks.
+    trainer = ReconstructorTrainer(reconstructor, learning_rate=config.reconstructor_lr) if config.joint_training else None
     finetune = (
         ReconstructorFinetuneCallback(
-            reconstructor,
-            learning_rate=config.reconstructor_lr,
+            trainer,
             gradient_steps=config.reconstructor_steps,
             batch_size=config.reconstructor_batch_size,
             gradient_accumulation=config.reconstructor_grad_accum,
@@ -579,13 +581,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
             random_mask_fraction=config.random_mask_fraction,
             seed=config.seed,
         )
-        if config.joint_training
+        if trainer is not None
         else None
     )
-    if finetune is not None and config.resume:
-        load_reconstructor_optimizer(finetune, latest)
-    distill_report, interrupted = _distill(config, model, reconstructor, finetune, env, resolved)
-    checkpoint = JointCheckpointCallback(config.save_freq, run_dir, reconstructor, finetune, resolved, verbose=config.verbose)
+    if trainer is not None and config.resume:
+        load_reconstructor_optimizer(trainer, latest)
+    distill_report, interrupted = _distill(config, model, reconstructor, trainer, env, resolved)
+    checkpoint = JointCheckpointCallback(config.save_freq, run_dir, reconstructor, trainer, resolved, verbose=config.verbose)
     metrics = CompressionMetricsCallback()
     callbacks = [metrics, *([finetune] if finetune else []), checkpoint]
 
@@ -619,9 +621,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "seconds": seconds,
         "interrupted": interrupted,
         "scoring_dtype": str(env.venv.venv.core.scorer.dtype).removeprefix("torch."),  # type: ignore[attr-defined]
-        "finetune_rounds": finetune.rounds if finetune else 0,
+        "finetune_rounds": trainer.rounds if trainer else 0,
         "distillation": distill_report,
-        "last_reconstructor_loss": finetune.last_loss if finetune else None,
+        "last_reconstructor_loss": trainer.last_loss if trainer else None,
         "last_rollout": metrics.last_values,
     }
     if not interrupted:

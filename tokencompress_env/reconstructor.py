@@ -487,13 +487,15 @@ class Reconstructor:
         ids = torch.where(valid_t, ids, torch.full_like(ids, self.pad_token_id))
         return ids, mask_t, valid_t
 
-    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def _forward(self, inputs: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
         """Run the master model on full compressed inputs (no cache) and return its logits (training).
 
         :param inputs: ``[B, L]`` from :meth:`compressed_inputs`
+        :param model: the module to run (``None``: the master model; a distributed wrapper of it in multi-process training)
         :return: ``[B, L, V]`` logits
         """
-        return self.model(input_ids=inputs, attention_mask=torch.ones_like(inputs), use_cache=False).logits
+        module = self.model if model is None else model
+        return module(input_ids=inputs, attention_mask=torch.ones_like(inputs), use_cache=False).logits
 
     def _trunk(
         self,
@@ -718,7 +720,9 @@ class Reconstructor:
         return [str(self.tokenizer.decode(row[v].tolist())) for row, v in zip(filled, valid_np, strict=True)]
 
     # ------------------------------------------------------------------ training
-    def training_loss(self, input_ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def training_loss(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None, model: torch.nn.Module | None = None
+    ) -> torch.Tensor:
         """Mean cross-entropy (nats) of every real token given its compressed prefix, with gradients.
 
         Predicting ``x_i`` from ``x~_{<i}`` is the same task whether ``x_i`` itself is dropped or
@@ -727,10 +731,12 @@ class Reconstructor:
         :param input_ids: ``[B, L]`` ids on the model's device
         :param mask: ``[B, L]`` dropped positions
         :param valid: ``[B, L]`` real positions (``None``: all)
+        :param model: the module to run: ``None`` for :attr:`model`, or a wrapper of it that synchronises
+            gradients across processes (:class:`~tokencompress_env.trainer.ReconstructorTrainer`)
         :return: a scalar loss
         """
         ids, mask_t, valid_t = self._prepare(input_ids, mask, valid)
-        logits = self._forward(self.compressed_inputs(ids, mask_t)).float()
+        logits = self._forward(self.compressed_inputs(ids, mask_t), model).float()
         nats = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
         return (nats * valid_t).sum() / valid_t.sum().clamp(min=1)
 
