@@ -24,7 +24,6 @@ from stable_baselines3.common.base_class import BaseAlgorithm
 from stable_baselines3.common.callbacks import BaseCallback
 
 from agents.artifact import save_policy_artifact
-from callbacks.joint_training import ReconstructorFinetuneCallback
 from tokencompress_env.errors import CheckpointError
 from tokencompress_env.reconstructor import Reconstructor
 from tokencompress_env.run_folder import (
@@ -41,13 +40,14 @@ from tokencompress_env.run_folder import (
     temp_folder,
     verify_agent_zip,
 )
+from tokencompress_env.trainer import ReconstructorTrainer, is_main_process, wait_for_everyone
 
 
 def save_run_artifacts(
     folder: Path,
     model: BaseAlgorithm,
     reconstructor: Reconstructor,
-    finetune: ReconstructorFinetuneCallback | None,
+    trainer: ReconstructorTrainer | None,
     config: dict[str, Any],
     state: dict[str, Any] | None = None,
     distill_optimizer: torch.optim.Optimizer | None = None,
@@ -57,7 +57,7 @@ def save_run_artifacts(
     :param folder: destination folder (replaced as a whole)
     :param model: the SB3 agent
     :param reconstructor: the (jointly trained) reconstructor
-    :param finetune: the fine-tuning callback whose optimizer is saved (``None``: none)
+    :param trainer: the reconstructor's trainer, whose optimizer and rounds are saved (``None``: no fine-tuning)
     :param config: the run's resolved config (its ``algo`` goes into ``policy.json``)
     :param state: extra facts for ``state.json``
     :param distill_optimizer: during distillation, its optimizer (saved as ``distill_optimizer.pt``)
@@ -66,14 +66,14 @@ def save_run_artifacts(
     model.save(tmp / AGENT_ZIP)
     save_policy_artifact(model, str(config.get("algo", "ppo")), tmp)
     reconstructor.save_pretrained(tmp / RECONSTRUCTOR)
-    if finetune is not None:
-        torch.save(finetune.optimizer.state_dict(), tmp / RECONSTRUCTOR_OPTIMIZER)
+    if trainer is not None:
+        trainer.save_optimizer(tmp / RECONSTRUCTOR_OPTIMIZER)
     if distill_optimizer is not None:
         torch.save(distill_optimizer.state_dict(), tmp / DISTILL_OPTIMIZER)
     (tmp / CONFIG).write_text(json.dumps(config, indent=2, sort_keys=True))
     facts = {
         "num_timesteps": int(model.num_timesteps),
-        "finetune_rounds": finetune.rounds if finetune else 0,
+        "finetune_rounds": trainer.rounds if trainer else 0,
         "agent_sha256": file_sha256(tmp / AGENT_ZIP),
         **(state or {}),
     }
@@ -147,21 +147,21 @@ def verify_agent_file(folder: Path, trust_pickle: bool = False) -> None:
     verify_agent_zip(folder / AGENT_ZIP, trust_pickle)
 
 
-def load_reconstructor_optimizer(finetune: ReconstructorFinetuneCallback, folder: Path) -> None:
-    """Restore the fine-tuning optimizer from a checkpoint, if it saved one.
+def load_reconstructor_optimizer(trainer: ReconstructorTrainer, folder: Path) -> None:
+    """Restore the reconstructor trainer's optimizer (if the checkpoint saved one) and its rounds.
 
-    :param finetune: the callback whose optimizer to restore
+    :param trainer: the trainer whose optimizer and round counter to restore
     :param folder: the checkpoint folder
     """
     path = folder / RECONSTRUCTOR_OPTIMIZER
     if path.exists():
         try:
-            finetune.optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+            trainer.load_optimizer(path)
         except Exception as exc:  # truncated file, wrong shapes: the same user-facing problem
             first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
             raise CheckpointError(_unusable(folder, f"is corrupt (reconstructor_optimizer.pt: {first})")) from None
     state = load_checkpoint_state(folder)
-    finetune.rounds = int(state.get("finetune_rounds", 0))
+    trainer.rounds = int(state.get("finetune_rounds", 0))
 
 
 class JointCheckpointCallback(BaseCallback):
@@ -170,7 +170,8 @@ class JointCheckpointCallback(BaseCallback):
     :param save_freq: environment steps (summed over envs) between checkpoints (0: never periodically)
     :param run_dir: the run folder; checkpoints go to ``<run_dir>/checkpoints/latest``
     :param reconstructor: the jointly trained reconstructor
-    :param finetune: the fine-tuning callback (for its optimizer), if any
+    :param trainer: the reconstructor's trainer (for its optimizer and rounds; shared with the fine-tuning
+        callback), if the reconstructor is fine-tuned
     :param config: the run's resolved config, saved beside the weights
     :param verbose: verbosity
     """
@@ -180,7 +181,7 @@ class JointCheckpointCallback(BaseCallback):
         save_freq: int,
         run_dir: Path,
         reconstructor: Reconstructor,
-        finetune: ReconstructorFinetuneCallback | None,
+        trainer: ReconstructorTrainer | None,
         config: dict[str, Any],
         verbose: int = 0,
     ) -> None:
@@ -188,7 +189,7 @@ class JointCheckpointCallback(BaseCallback):
         self.save_freq = save_freq
         self.run_dir = Path(run_dir)
         self.reconstructor = reconstructor
-        self.finetune = finetune
+        self.trainer = trainer
         self.config = config
         self._last_saved = 0
 
@@ -204,11 +205,14 @@ class JointCheckpointCallback(BaseCallback):
         self._last_saved = self.num_timesteps
 
     def save(self) -> Path:
-        """Write a checkpoint now.
+        """Write a checkpoint now (in the main process only, when several processes train the reconstructor).
 
         :return: its folder
         """
-        save_run_artifacts(self.path, self.model, self.reconstructor, self.finetune, self.config)
+        accelerator = self.trainer.accelerator if self.trainer is not None else None
+        if is_main_process(accelerator):
+            save_run_artifacts(self.path, self.model, self.reconstructor, self.trainer, self.config)
+        wait_for_everyone(accelerator)
         self._last_saved = self.num_timesteps
         if self.verbose:
             print(f"Saved checkpoint at {self.num_timesteps} steps to {self.path}")

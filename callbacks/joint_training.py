@@ -6,15 +6,14 @@ can be updated there without touching what PPO is about to learn from. The callb
 complete mask of every window whose episode ended inside the rollout (the decisions observed at the
 episode's last step plus that step's action, restricted as the environment restricts it), mixes in
 windows under random masks so the reconstructor does not forget the general task, takes a few
-optimizer steps with its own AdamW, and leaves the model in eval mode for the next rollout. The
+optimizer steps through the shared :class:`~tokencompress_env.trainer.ReconstructorTrainer` (which owns
+the reconstructor's AdamW), and leaves the model in eval mode for the next rollout. The
 environments hold the same :class:`~tokencompress_env.reconstructor.Reconstructor` object, so the
 next rollout is scored by the updated model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
 from typing import Any, cast
 
 import numpy as np
@@ -24,23 +23,10 @@ from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
 from tokencompress_env.pretrain import random_masks
 from tokencompress_env.reconstructor import Reconstructor
+from tokencompress_env.trainer import MicroBatch, ReconstructorTrainer
 
 #: Value of ``decisions`` for a dropped token in the observation.
 MASKED = 2
-
-
-@contextmanager
-def train_mode(module: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    """Put a module in train mode for the block and back in eval mode afterwards, even on error.
-
-    :param module: the module
-    :return: the module
-    """
-    module.train()
-    try:
-        yield module
-    finally:
-        module.eval()
 
 
 def masks_from_rollout(observations: dict[str, np.ndarray], actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -69,50 +55,68 @@ def masks_from_rollout(observations: dict[str, np.ndarray], actions: np.ndarray)
 class ReconstructorFinetuneCallback(BaseCallback):
     """Fine-tune the shared reconstructor at the end of rollouts on the agent's own masks.
 
-    :param reconstructor: the reconstructor the environments score with (the same object)
-    :param learning_rate: AdamW learning rate
+    The reconstructor, its optimizer and the round counter belong to ``trainer``, which the checkpoint
+    callback receives too (:class:`~callbacks.checkpoint.JointCheckpointCallback`): neither callback
+    refers to the other. In a multi-process run (the trainer holds an accelerator) the gradients of each
+    fine-tuning step are averaged over the processes.
+
+    :param trainer: the reconstructor's trainer; its reconstructor is the object the environments score with
     :param gradient_steps: optimizer steps per fine-tuning round
     :param batch_size: windows per micro-batch
     :param gradient_accumulation: micro-batches per optimizer step
     :param interval: fine-tune every ``interval`` rollouts
     :param random_mask_fraction: fraction of each micro-batch given random masks instead of the agent's
     :param random_mask_range: range of the random masks' rates
-    :param max_grad_norm: gradient clipping
-    :param weight_decay: AdamW weight decay
     :param seed: seed of batch sampling and random masks
     :param verbose: verbosity
     """
 
     def __init__(
         self,
-        reconstructor: Reconstructor,
-        learning_rate: float = 1e-4,
+        trainer: ReconstructorTrainer,
         gradient_steps: int = 4,
         batch_size: int = 16,
         gradient_accumulation: int = 1,
         interval: int = 1,
         random_mask_fraction: float = 0.25,
         random_mask_range: tuple[float, float] = (0.0, 0.8),
-        max_grad_norm: float = 1.0,
-        weight_decay: float = 0.01,
         seed: int = 0,
         verbose: int = 0,
     ) -> None:
         super().__init__(verbose)
-        self.reconstructor = reconstructor
-        self.learning_rate = learning_rate
+        self.trainer = trainer
         self.gradient_steps = gradient_steps
         self.batch_size = batch_size
         self.gradient_accumulation = gradient_accumulation
         self.interval = max(1, interval)
         self.random_mask_fraction = random_mask_fraction
         self.random_mask_range = random_mask_range
-        self.max_grad_norm = max_grad_norm
         self.generator = torch.Generator().manual_seed(seed)
-        self.optimizer = torch.optim.AdamW(reconstructor.model.parameters(), lr=learning_rate, weight_decay=weight_decay)
-        self.rounds = 0
         self.rollouts = 0
-        self.last_loss: float | None = None
+
+    @property
+    def reconstructor(self) -> Reconstructor:
+        """The reconstructor being fine-tuned (the trainer's).
+
+        :return: the reconstructor
+        """
+        return self.trainer.reconstructor
+
+    @property
+    def rounds(self) -> int:
+        """Fine-tuning rounds done (kept by the trainer, so checkpoints and resumes see them).
+
+        :return: the count
+        """
+        return self.trainer.rounds
+
+    @property
+    def last_loss(self) -> float | None:
+        """Mean loss (nats) of the last round, ``None`` before the first.
+
+        :return: the loss
+        """
+        return self.trainer.last_loss
 
     def _on_step(self) -> bool:
         return True
@@ -147,20 +151,16 @@ class ReconstructorFinetuneCallback(BaseCallback):
         valid_t = torch.as_tensor(valid, dtype=torch.bool)
         n_random = round(self.batch_size * self.random_mask_fraction)
         losses: list[float] = []
-        with train_mode(self.reconstructor.model):
-            for _ in range(self.gradient_steps):
-                for _ in range(self.gradient_accumulation):
-                    idx = torch.randint(0, len(ids_t), (self.batch_size,), generator=self.generator)
-                    batch_ids, batch_mask, batch_valid = ids_t[idx], mask_t[idx].clone(), valid_t[idx]
-                    if n_random:
-                        lo, hi = self.random_mask_range
-                        batch_mask[:n_random] = random_masks((n_random, ids_t.shape[1]), self.generator, lo, hi)
-                    loss = self.reconstructor.training_loss(batch_ids.to(device), batch_mask.to(device), batch_valid.to(device))
-                    (loss / self.gradient_accumulation).backward()
-                    losses.append(float(loss.detach()))
-                torch.nn.utils.clip_grad_norm_(self.reconstructor.model.parameters(), self.max_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
-        self.rounds += 1
-        self.last_loss = float(np.mean(losses))
-        return self.last_loss
+        for _ in range(self.gradient_steps):
+            batches: list[MicroBatch] = []
+            for _ in range(self.gradient_accumulation):
+                idx = torch.randint(0, len(ids_t), (self.batch_size,), generator=self.generator)
+                batch_ids, batch_mask, batch_valid = ids_t[idx], mask_t[idx].clone(), valid_t[idx]
+                if n_random:
+                    lo, hi = self.random_mask_range
+                    batch_mask[:n_random] = random_masks((n_random, ids_t.shape[1]), self.generator, lo, hi)
+                batches.append((batch_ids.to(device), batch_mask.to(device), batch_valid.to(device)))
+            losses.append(self.trainer.step(batches))
+        self.trainer.rounds += 1
+        self.trainer.last_loss = float(np.mean(losses))
+        return self.trainer.last_loss

@@ -87,6 +87,7 @@ from tokencompress_env.evaluation import (
     write_results_markdown,
     write_window_stats,
 )
+from tokencompress_env.presets import load_or_build
 from tokencompress_env.reconstructor import BUILD_INFO, Reconstructor, parse_device, resolve_device
 from tokencompress_env.run_folder import RunBundle
 from tokencompress_env.units import check_units
@@ -372,7 +373,7 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
         default_seq_len = int(first.config.get("seq_len", 128))
     else:
         name = config.reconstructor or "tiny"
-        reference = Reconstructor.from_pretrained(name, device=config.device)
+        reference = load_or_build(name, device=config.device)
         path = Path(name).expanduser()
         info = build_info(path if path.is_dir() else _preset_dir(name))
         built = info.get("build_config", {}) if isinstance(info.get("build_config"), dict) else {}
@@ -389,7 +390,7 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
     downstream = None
     downstream_info: dict[str, Any] = {}
     if config.continuation_tokens > 0 and config.downstream_lm:  # loaded first: a wrong name fails fast
-        downstream = Reconstructor.from_pretrained(config.downstream_lm, device=config.device)
+        downstream = load_or_build(config.downstream_lm, device=config.device)
         path = Path(config.downstream_lm).expanduser()
         downstream_info = build_info(path if path.is_dir() else _preset_dir(config.downstream_lm))
 

@@ -18,7 +18,7 @@ from typing import Any
 from experiments.config import cli_main, parse_config
 from tokencompress_env.data import EMBEDDED, CorpusSpec, count_tokens, load_documents, prepare_corpus, split_documents
 from tokencompress_env.errors import ConfigError
-from tokencompress_env.reconstructor import Reconstructor
+from tokencompress_env.presets import load_or_build
 
 
 @dataclass
@@ -62,7 +62,7 @@ def prepare(config: PrepareDataConfig) -> dict[str, Any]:
     :param config: the options
     :return: report with the cache folder and tokens per split
     """
-    reconstructor = Reconstructor.from_pretrained(config.reconstructor, device="cpu")
+    reconstructor = load_or_build(config.reconstructor, device="cpu")
     if config.max_length > reconstructor.max_seq_len:
         raise ConfigError(
             f"max_length {config.max_length} exceeds the reconstructor's context of {reconstructor.max_seq_len} tokens: "

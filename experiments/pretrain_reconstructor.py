@@ -3,10 +3,15 @@
 Resumable: an interrupted run continues from ``<output_dir>.partial/checkpoint``. Validation bits per
 masked token go to TensorBoard (``--tensorboard_log``) and to the JSON report printed at the end.
 
+Runs on several processes (GPUs, or CPU processes) with Hugging Face ``accelerate``: each process
+draws its own ``batch_size`` windows per micro-batch, the gradients are averaged, and only the main
+process writes the checkpoints, the model and the report.
+
 Examples::
 
     python -m experiments.pretrain_reconstructor                       # the 'tiny' default, cached
     python -m experiments.pretrain_reconstructor --steps 50 --output_dir /tmp/recon
+    accelerate launch --multi_gpu --num_processes 4 -m experiments.pretrain_reconstructor --output_dir /data/recon
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from tokencompress_env.data import EMBEDDED
 from tokencompress_env.errors import ConfigError
 from tokencompress_env.pretrain import PRESET_BUILDS, BuildConfig, PretrainConfig, build_reconstructor
 from tokencompress_env.reconstructor import PRESETS, default_reconstructor_dir
+from tokencompress_env.trainer import is_main_process, make_accelerator
 
 _DEFAULT = PRESET_BUILDS["tiny"]
 
@@ -43,7 +49,8 @@ class PretrainReconstructorConfig:
     :param eval_every: steps between validations
     :param checkpoint_every: steps between resumable checkpoints
     :param seed: random seed
-    :param device: ``auto``, ``cpu``, ``cuda`` or ``mps``
+    :param device: ``auto``, ``cpu``, ``cuda`` or ``mps`` (several processes: ``cpu`` or ``auto``, which gives each process its own GPU)
+    :param num_proc: processes that tokenise the corpus (``datasets.map``; ``None``: one)
     :param output_dir: where the reconstructor is written (``None``: the cache of ``preset``, used by default everywhere)
     :param tensorboard_log: TensorBoard folder (``None``: no events)
     :param progress_bar: show a progress bar
@@ -64,6 +71,7 @@ class PretrainReconstructorConfig:
     checkpoint_every: int = _DEFAULT.pretrain.checkpoint_every
     seed: int = 0
     device: str = "auto"
+    num_proc: int | None = None
     output_dir: str | None = None
     tensorboard_log: str | None = "runs/pretrain_reconstructor"
     progress_bar: bool = True
@@ -74,6 +82,8 @@ class PretrainReconstructorConfig:
             raise ConfigError(f"unknown preset '{self.preset}': choose one of {sorted(PRESETS)}")
         if not 0 <= self.min_mask_rate <= self.max_mask_rate < 1:
             raise ConfigError("mask rates must satisfy 0 <= min_mask_rate <= max_mask_rate < 1")
+        if self.num_proc is not None and self.num_proc < 1:
+            raise ConfigError("num_proc must be positive (or left out)")
         if self.steps < 1 or self.batch_size < 1 or self.grad_accum < 1:
             raise ConfigError("steps, batch_size and grad_accum must be positive")
         context = PRESETS[self.preset]["n_positions"] - 1
@@ -108,9 +118,21 @@ def main(argv: Sequence[str] | None = None) -> None:
         ),
     )
     output = Path(c.output_dir) if c.output_dir else default_reconstructor_dir(c.preset)
-    _, report = build_reconstructor(build, output, device=c.device, progress=c.progress_bar, tensorboard_dir=c.tensorboard_log)
+    accelerator = make_accelerator(c.device)  # None in a plain process
+    _, report = build_reconstructor(
+        build,
+        output,
+        device=c.device,
+        progress=c.progress_bar,
+        tensorboard_dir=c.tensorboard_log,
+        num_proc=c.num_proc,
+        accelerator=accelerator,
+    )
     report.pop("build_config", None)
-    print(json.dumps({"output_dir": str(output), **report}, indent=2))
+    if is_main_process(accelerator):
+        print(json.dumps({"output_dir": str(output), **report}, indent=2))
+    if accelerator is not None:
+        accelerator.end_training()  # closes the process group
 
 
 if __name__ == "__main__":

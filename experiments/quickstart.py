@@ -28,7 +28,7 @@ from experiments.config import build_config, cli_main, load_config_file, parse_c
 from experiments.evaluate import EvaluateConfig, run_evaluation
 from experiments.train_ppo import TrainConfig, train
 from tokencompress_env.baselines import BASELINE_NAMES
-from tokencompress_env.reconstructor import Reconstructor
+from tokencompress_env.presets import load_or_build
 from tokencompress_env.run_folder import has_checkpoint, is_finished_run
 
 ROOT = Path(__file__).resolve().parent
@@ -79,7 +79,7 @@ def quickstart(config: QuickstartConfig) -> dict[str, Any]:
     timings: dict[str, float] = {}
     _stage("1/3 reconstructor (tiny preset: built on first use, then cached)", started)
     t = time.perf_counter()
-    reconstructor = Reconstructor.from_pretrained("tiny", device=config.device)
+    reconstructor = load_or_build("tiny", device=config.device)
     print(f"tiny reconstructor: {reconstructor.num_parameters() / 1e6:.1f}M parameters, vocabulary {reconstructor.vocab_size}")
     del reconstructor
     timings["reconstructor_s"] = time.perf_counter() - t

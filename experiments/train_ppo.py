@@ -59,6 +59,7 @@ from callbacks.joint_training import ReconstructorFinetuneCallback
 from callbacks.metrics import CompressionMetricsCallback
 from experiments.config import build_config, check_output_dir, cli_main, config_fields, parse_config_values
 from tokencompress_env.errors import CheckpointError, ConfigError, ReconstructorLoadError, TokenCompressError
+from tokencompress_env.presets import load_or_build
 from tokencompress_env.reconstructor import SCORING_DTYPES, Reconstructor, parse_device, resolve_device
 from tokencompress_env.run_folder import (
     AGENT_ZIP,
@@ -72,6 +73,7 @@ from tokencompress_env.run_folder import (
     publish_run_result,
 )
 from tokencompress_env.sb3_vec_env import TokenMaskSB3VecEnv
+from tokencompress_env.trainer import ReconstructorTrainer
 from tokencompress_env.units import check_units
 from tokencompress_env.vector_env import TokenMaskVectorEnv
 
@@ -412,7 +414,7 @@ def _prepare_run_dir(config: TrainConfig) -> Reconstructor:
             f"run folder '{run_dir}' already holds a run: pass --resume true to continue it, or choose another --run_name"
         )
     else:
-        reconstructor = Reconstructor.from_pretrained(config.reconstructor, device=config.device)
+        reconstructor = load_or_build(config.reconstructor, device=config.device)
     if reconstructor.max_seq_len < config.seq_len:
         fits = reconstructor.max_seq_len // config.chunk_size * config.chunk_size
         raise ConfigError(
@@ -471,7 +473,7 @@ def _distill(
     config: TrainConfig,
     model: BaseAlgorithm,
     reconstructor: Reconstructor,
-    finetune: ReconstructorFinetuneCallback | None,
+    trainer: ReconstructorTrainer | None,
     env: VecMonitor,
     resolved: dict[str, Any],
 ) -> tuple[dict[str, Any] | None, bool]:
@@ -485,7 +487,7 @@ def _distill(
     :param config: the run config
     :param model: the agent whose policy is distilled
     :param reconstructor: the reconstructor (teacher)
-    :param finetune: the fine-tuning callback (its optimizer goes into the checkpoints), if any
+    :param trainer: the reconstructor's trainer (its optimizer goes into the checkpoints), if any
     :param env: the training environment (its windows are the distillation data)
     :param resolved: the config saved with the checkpoints
     :return: the distillation report (``None`` when nothing was left to distil) and whether Ctrl-C stopped it
@@ -510,7 +512,7 @@ def _distill(
         due = config.distill_save_freq > 0 and step % config.distill_save_freq == 0
         if stop or due or step >= config.distill_steps:
             state = {"phase": "distill", "distill_step": step}
-            save_run_artifacts(latest, model, reconstructor, finetune, resolved, state, distill_optimizer=optimizer)
+            save_run_artifacts(latest, model, reconstructor, trainer, resolved, state, distill_optimizer=optimizer)
         return not stop
 
     windows = env.venv.venv.core.windows  # type: ignore[attr-defined]
@@ -584,10 +586,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
     if not config.resume:
         reconstructor.save_pretrained(run_dir / REFERENCE_RECONSTRUCTOR, build_info={"source": config.reconstructor})
     (run_dir / CONFIG).write_text(json.dumps(resolved, indent=2, sort_keys=True))
+    # The reconstructor's trainer (model, optimizer, rounds) is shared by the fine-tuning and checkpoint callbacks.
+    trainer = ReconstructorTrainer(reconstructor, learning_rate=config.reconstructor_lr) if config.joint_training else None
     finetune = (
         ReconstructorFinetuneCallback(
-            reconstructor,
-            learning_rate=config.reconstructor_lr,
+            trainer,
             gradient_steps=config.reconstructor_steps,
             batch_size=config.reconstructor_batch_size,
             gradient_accumulation=config.reconstructor_grad_accum,
@@ -595,13 +598,13 @@ def train(config: TrainConfig) -> dict[str, Any]:
             random_mask_fraction=config.random_mask_fraction,
             seed=config.seed,
         )
-        if config.joint_training
+        if trainer is not None
         else None
     )
-    if finetune is not None and config.resume:
-        load_reconstructor_optimizer(finetune, latest)
-    distill_report, interrupted = _distill(config, model, reconstructor, finetune, env, resolved)
-    checkpoint = JointCheckpointCallback(config.save_freq, run_dir, reconstructor, finetune, resolved, verbose=config.verbose)
+    if trainer is not None and config.resume:
+        load_reconstructor_optimizer(trainer, latest)
+    distill_report, interrupted = _distill(config, model, reconstructor, trainer, env, resolved)
+    checkpoint = JointCheckpointCallback(config.save_freq, run_dir, reconstructor, trainer, resolved, verbose=config.verbose)
     metrics = CompressionMetricsCallback()
     callbacks = [metrics, *([finetune] if finetune else []), checkpoint]
 
@@ -635,9 +638,9 @@ def train(config: TrainConfig) -> dict[str, Any]:
         "seconds": seconds,
         "interrupted": interrupted,
         "scoring_dtype": str(env.venv.venv.core.scorer.dtype).removeprefix("torch."),  # type: ignore[attr-defined]
-        "finetune_rounds": finetune.rounds if finetune else 0,
+        "finetune_rounds": trainer.rounds if trainer else 0,
         "distillation": distill_report,
-        "last_reconstructor_loss": finetune.last_loss if finetune else None,
+        "last_reconstructor_loss": trainer.last_loss if trainer else None,
         "last_rollout": metrics.last_values,
     }
     if not interrupted:

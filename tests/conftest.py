@@ -39,10 +39,9 @@ def tc_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def test_reconstructor_dir(tc_home: Path) -> Path:
     """Build the ``test`` preset once; also cache it as the ``tiny`` default (see module docstring)."""
-    from tokencompress_env.pretrain import default_reconstructor
+    from tokencompress_env.presets import ensure_preset
 
-    default_reconstructor("test", device="cpu", progress=False)
-    path = default_reconstructor_dir("test")
+    path = ensure_preset("test", device="cpu", progress=False)
     tiny = default_reconstructor_dir("tiny")
     if not tiny.exists():
         shutil.copytree(path, tiny)

@@ -181,6 +181,42 @@ def test_hub_name_offline_is_a_one_line_error(monkeypatch):
     assert attempts == []  # offline means it fails at once: no connection is even tried (nothing to wait for)
 
 
+def test_a_preset_not_built_is_a_clear_error_not_a_build(monkeypatch, tmp_path):
+    """Loading only loads: an absent preset names the command that builds it, and nothing is trained."""
+    import tokencompress_env.pretrain as pretrain_module
+
+    monkeypatch.setenv("TOKENCOMPRESS_HOME", str(tmp_path / "empty_cache"))
+    monkeypatch.setattr(pretrain_module, "build_reconstructor", lambda *a, **k: pytest.fail("loading must not build"))
+    with pytest.raises(ReconstructorLoadError) as info:
+        Reconstructor.from_pretrained("tiny", device="cpu")
+    message = str(info.value)
+    assert "\n" not in message and "python -m experiments.pretrain_reconstructor --preset tiny" in message
+    assert not (tmp_path / "empty_cache").exists()
+
+
+def test_load_or_build_builds_a_missing_preset_once(monkeypatch, tmp_path, test_reconstructor_dir):
+    import shutil
+
+    from tokencompress_env import presets
+
+    monkeypatch.setenv("TOKENCOMPRESS_HOME", str(tmp_path / "cache"))
+    builds = []
+
+    def fake_build(config, output_dir, device="auto", progress=True):
+        builds.append((config.preset, str(output_dir)))
+        shutil.copytree(test_reconstructor_dir, output_dir)
+
+    monkeypatch.setattr(presets, "build_reconstructor", fake_build)
+    assert not presets.is_built("test")
+    first = presets.load_or_build("test", device="cpu", progress=False)
+    second = presets.load_or_build("test", device="cpu", progress=False)
+    assert builds == [("test", str(tmp_path / "cache" / "reconstructors" / "test"))]
+    assert presets.is_built("test") and first.vocab_size == second.vocab_size
+    assert Reconstructor.from_pretrained("test", device="cpu").vocab_size == first.vocab_size  # now it loads
+    with pytest.raises(KeyError, match="unknown preset"):
+        presets.ensure_preset("gpt2")
+
+
 def test_missing_and_corrupt_directories(test_reconstructor_dir, tmp_path):
     with pytest.raises(ReconstructorLoadError, match="does not exist"):
         Reconstructor.from_pretrained(str(tmp_path / "missing" / "dir"))
@@ -264,6 +300,19 @@ def test_resolve_scoring_dtype():
     assert resolve_scoring_dtype("auto", "mps") == torch.float32
     with pytest.raises(ValueError, match="scoring dtype"):
         resolve_scoring_dtype("float8")
+
+
+@pytest.mark.parametrize(
+    ("available", "bf16", "expected"),
+    [(True, True, torch.bfloat16), (True, False, torch.float32), (False, True, torch.float32)],
+)
+def test_auto_scoring_dtype_on_cuda_without_a_gpu(monkeypatch, available, bf16, expected):
+    """``auto`` picks bfloat16 on a CUDA device that multiplies it natively, float32 on one that does not."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: available)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *args, **kwargs: bf16)
+    assert resolve_scoring_dtype("auto", "cuda") == expected
+    assert resolve_scoring_dtype("auto", torch.device("cuda", 0)) == expected
+    assert resolve_scoring_dtype("float32", "cuda") == torch.float32  # an explicit name is never overridden
 
 
 def test_bfloat16_copy_follows_the_float32_master(fresh_reconstructor, test_windows):

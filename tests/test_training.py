@@ -17,6 +17,7 @@ from agents.artifact import load_policy_artifact
 from callbacks.joint_training import ReconstructorFinetuneCallback, masks_from_rollout
 from experiments.train_ppo import TrainConfig, train
 from tokencompress_env.reconstructor import resolve_scoring_dtype
+from tokencompress_env.trainer import ReconstructorTrainer
 
 ROOT = Path(__file__).resolve().parents[1]
 DEBUG = ROOT / "experiments" / "configs" / "dev" / "debug.json"
@@ -139,7 +140,8 @@ def test_masks_from_rollout_rebuilds_final_masks():
 
 
 def test_finetune_changes_weights_and_leaves_eval_mode(fresh_reconstructor, test_windows):
-    callback = ReconstructorFinetuneCallback(fresh_reconstructor, learning_rate=1e-3, gradient_steps=2, batch_size=4)
+    trainer = ReconstructorTrainer(fresh_reconstructor, learning_rate=1e-3)
+    callback = ReconstructorFinetuneCallback(trainer, gradient_steps=2, batch_size=4)
     before = [p.detach().clone() for p in fresh_reconstructor.model.parameters()]
     ids = test_windows["train"][:8]
     mask = np.zeros(ids.shape, dtype=bool)
@@ -149,7 +151,41 @@ def test_finetune_changes_weights_and_leaves_eval_mode(fresh_reconstructor, test
     assert not fresh_reconstructor.model.training
     changed = [not torch.equal(a, b) for a, b in zip(before, fresh_reconstructor.model.parameters())]
     assert any(changed)
-    assert callback.rounds == 1
+    assert callback.rounds == 1 == trainer.rounds and trainer.steps == 2 and callback.last_loss == trainer.last_loss == loss
+
+
+def test_checkpoint_and_finetune_callbacks_share_the_trainer_not_each_other(fresh_reconstructor, test_windows, tmp_path, monkeypatch):
+    """The checkpoint saves the trainer's optimizer and rounds; restoring them into a new trainer resumes both."""
+    import inspect
+
+    from callbacks.checkpoint import JointCheckpointCallback, load_reconstructor_optimizer, save_run_artifacts
+
+    assert "finetune" not in inspect.signature(JointCheckpointCallback).parameters
+    trainer = ReconstructorTrainer(fresh_reconstructor, learning_rate=1e-3)
+    callback = ReconstructorFinetuneCallback(trainer, gradient_steps=2, batch_size=4)
+    ids = test_windows["train"][:8]
+    callback.finetune(ids, np.zeros(ids.shape, dtype=bool), np.ones(ids.shape, dtype=bool))
+
+    class Agent:  # what save_run_artifacts needs of an SB3 model, without training one
+        num_timesteps = 0
+
+        def save(self, path):
+            Path(path).write_bytes(b"agent")
+
+    folder = tmp_path / "latest"
+    import callbacks.checkpoint as checkpoint_module
+
+    monkeypatch.setattr(checkpoint_module, "save_policy_artifact", lambda *args, **kwargs: None)
+    save_run_artifacts(folder, Agent(), fresh_reconstructor, trainer, {"algo": "ppo"})  # type: ignore[arg-type]
+    restored = ReconstructorTrainer(fresh_reconstructor, learning_rate=1e-3)
+    load_reconstructor_optimizer(restored, folder)
+    assert restored.rounds == 1
+    saved, loaded = trainer.optimizer.state_dict(), restored.optimizer.state_dict()
+    assert saved["state"].keys() == loaded["state"].keys() and len(saved["state"]) > 0
+    for key, value in saved["state"].items():
+        assert (
+            torch.equal(value["exp_avg"], loaded["state"][key]["exp_avg"]) and int(value["step"]) == int(loaded["state"][key]["step"]) == 2
+        )
 
 
 def test_distillation_only_run(tmp_path, test_reconstructor_dir):

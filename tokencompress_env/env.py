@@ -24,6 +24,7 @@ from gymnasium.error import ResetNeeded
 from tokencompress_env.data import CorpusSpec, prepare_corpus, tokenizer_id, window_array
 from tokencompress_env.errors import ConfigError, DataSourceError, InputError
 from tokencompress_env.paths import cache_root
+from tokencompress_env.presets import load_or_build
 from tokencompress_env.reconstructor import PRESETS, SCORING_DTYPES, Reconstructor, default_reconstructor_dir, resolve_device
 from tokencompress_env.reward import EpisodeScorer, RewardConfig, StepOutcome
 from tokencompress_env.units import check_units, spread_to_units, unit_heads, unit_starts
@@ -63,7 +64,7 @@ class WindowSet:
 
 
 def load_reconstructor(name_or_path: str | Path, device: str = "auto") -> Reconstructor:
-    """Load a reconstructor by preset name or directory, once per process (envs share it read-only).
+    """Load a reconstructor by preset name or directory, once per process (envs share it read-only); builds a preset not cached yet.
 
     :param name_or_path: a preset (``"tiny"``) or a directory written by ``save_pretrained``
     :param device: where to run (``"auto"``: CUDA, MPS or CPU)
@@ -73,7 +74,7 @@ def load_reconstructor(name_or_path: str | Path, device: str = "auto") -> Recons
     resolved = str(default_reconstructor_dir(name)) if name in PRESETS else str(Path(name).expanduser().resolve())
     key = (resolved, str(resolve_device(device)))
     if key not in _RECONSTRUCTORS:
-        _RECONSTRUCTORS[key] = Reconstructor.from_pretrained(name, device=device)
+        _RECONSTRUCTORS[key] = load_or_build(name, device=device)
     return _RECONSTRUCTORS[key]
 
 

@@ -1,4 +1,4 @@
-"""Pretraining of the offline reconstructor, and the cached default (``"tiny"``) it produces.
+"""Pretraining of the offline reconstructor, and the build settings of the presets (``"tiny"``, ``"test"``).
 
 The reconstructor learns to predict each token from the compressed left context under random masks
 at mixed mask rates (each window draws its own rate uniformly in ``[min_mask_rate, max_mask_rate]``),
@@ -9,12 +9,13 @@ the step counter. Validation bits per masked token go to TensorBoard.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -22,9 +23,21 @@ from tqdm.auto import tqdm
 
 from tokencompress_env.data import EMBEDDED, CorpusSpec, count_tokens, load_documents, prepare_corpus, split_documents, window_array
 from tokencompress_env.errors import DataSourceError
-from tokencompress_env.reconstructor import Reconstructor, default_reconstructor_dir
+from tokencompress_env.reconstructor import Reconstructor
 from tokencompress_env.run_folder import publish_folder, temp_folder
 from tokencompress_env.tokenizer import train_bpe_tokenizer
+from tokencompress_env.trainer import (
+    MicroBatch,
+    ReconstructorTrainer,
+    broadcast_object,
+    gather_objects,
+    is_main_process,
+    main_process_first,
+    wait_for_everyone,
+)
+
+if TYPE_CHECKING:
+    from accelerate import Accelerator
 
 #: Mask rates at which validation bits per masked token are reported.
 EVAL_MASK_RATES = (0.2, 0.4, 0.6)
@@ -141,30 +154,50 @@ def _lr_at(step: int, config: PretrainConfig) -> float:
 
 
 def save_checkpoint(
-    reconstructor: Reconstructor, optimizer: torch.optim.Optimizer, step: int, path: Path, extra: dict[str, Any] | None = None
+    reconstructor: Reconstructor, trainer: ReconstructorTrainer, step: int, path: Path, extra: dict[str, Any] | None = None
 ) -> None:
     """Write a training checkpoint atomically (a temporary folder renamed into place).
 
     :param reconstructor: the model and tokenizer
-    :param optimizer: its optimizer
+    :param trainer: its trainer (the optimizer's state is saved)
     :param step: optimizer steps done
     :param path: checkpoint folder
     :param extra: more facts for ``state.json``
     """
     tmp = temp_folder(path)
     reconstructor.save_pretrained(tmp)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    trainer.save_optimizer(tmp / "optimizer.pt")
     (tmp / "state.json").write_text(json.dumps({"step": step, **(extra or {})}, indent=2))
     publish_folder(tmp, path)
 
 
-def load_optimizer_state(optimizer: torch.optim.Optimizer, path: Path) -> None:
-    """Restore an optimizer's state saved by :func:`save_checkpoint` (tensors only, no pickled code).
+def weights_fingerprint(model: torch.nn.Module) -> str:
+    """A short hash of a model's parameters (equal hashes: the same weights, bit for bit).
 
-    :param optimizer: the optimizer
-    :param path: the ``optimizer.pt`` file
+    :param model: the model
+    :return: 16 hex digits
     """
-    optimizer.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
+    digest = hashlib.sha256()
+    for parameter in model.parameters():
+        digest.update(parameter.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _batch_generator(seed: int, start_step: int, process: int) -> torch.Generator:
+    """The random generator of batches and masks: its own stream per process, and per resumed step.
+
+    Process 0 keeps the single-process stream (``seed + start_step``), so one process reproduces the
+    numbers of a plain run.
+
+    :param seed: the configuration's seed
+    :param start_step: the step training (re)starts at
+    :param process: this process's index
+    :return: the generator
+    """
+    if process == 0:
+        return torch.Generator().manual_seed(seed + start_step)
+    state = np.random.SeedSequence([seed, start_step, process]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state) & ((1 << 63) - 1))
 
 
 def pretrain(
@@ -175,8 +208,13 @@ def pretrain(
     checkpoint_dir: str | Path | None = None,
     tensorboard_dir: str | Path | None = None,
     progress: bool = True,
+    accelerator: Accelerator | None = None,
 ) -> dict[str, Any]:
     """Pretrain ``reconstructor`` in place on random masks; resumes from ``checkpoint_dir`` if it holds one.
+
+    With an ``accelerator`` (several processes), each process draws its own batches of ``batch_size``
+    windows, the gradients are averaged over the processes, and only the main process validates and
+    writes checkpoints and TensorBoard events.
 
     :param reconstructor: the reconstructor to train
     :param train_windows: ``[N, L]`` training windows
@@ -185,76 +223,92 @@ def pretrain(
     :param checkpoint_dir: folder for the resumable checkpoint (``None``: no checkpoints)
     :param tensorboard_dir: folder for TensorBoard events (``None``: none)
     :param progress: show a progress bar
-    :return: a report: steps, seconds, tokens per second, validation bits per masked token
+    :param accelerator: the accelerator of a multi-process run (``None``: one process)
+    :return: a report: steps, seconds, tokens per second, the first and last step's training loss (mean
+        over processes), validation bits per masked token (main process; ``{}`` elsewhere), processes,
+        ``batch_fingerprints`` (a hash of each process's first batch: they differ between processes) and
+        ``weights_fingerprints`` (a hash of each process's final weights: synchronised, they are equal)
     """
     if len(train_windows) == 0:
         raise ValueError("no training windows: the corpus is smaller than one window")
     if len(val_windows) == 0:  # never report training windows as validation
         raise ValueError("no validation windows: validation bits must come from held-out documents")
-    model = reconstructor.model
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    main = is_main_process(accelerator)
+    trainer = ReconstructorTrainer(reconstructor, config.lr, config.weight_decay, max_grad_norm=1.0, accelerator=accelerator)
     start_step = 0
     ckpt = Path(checkpoint_dir) if checkpoint_dir else None
     if ckpt is not None and (ckpt / "state.json").exists():
         resumed = Reconstructor.from_pretrained(ckpt, device=reconstructor.device)
-        model.load_state_dict(resumed.model.state_dict())
-        load_optimizer_state(optimizer, ckpt / "optimizer.pt")
+        reconstructor.model.load_state_dict(resumed.model.state_dict())
+        trainer.load_optimizer(ckpt / "optimizer.pt")
         start_step = int(json.loads((ckpt / "state.json").read_text())["step"])
+    trainer.steps = start_step
     writer = None
-    if tensorboard_dir is not None:
+    if tensorboard_dir is not None and main:
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(tensorboard_dir))
-    generator = torch.Generator().manual_seed(config.seed + start_step)
+    process = 0 if accelerator is None else int(accelerator.process_index)
+    generator = _batch_generator(config.seed, start_step, process)
     eval_windows = val_windows[: config.eval_windows]
     started = time.perf_counter()
     tokens = 0
-    bar = tqdm(total=config.steps, initial=start_step, desc="Pretraining reconstructor", disable=not progress, unit="step")
+    first_batch = ""
+    losses: dict[str, float] = {}
+    bar = tqdm(total=config.steps, initial=start_step, desc="Pretraining reconstructor", disable=not (progress and main), unit="step")
     for step in range(start_step, config.steps):
-        model.train()
-        for group in optimizer.param_groups:
-            group["lr"] = _lr_at(step, config)
-        loss_value = 0.0
+        trainer.set_learning_rate(_lr_at(step, config))
+        batches: list[MicroBatch] = []
         for _ in range(config.grad_accum):
             idx = torch.randint(0, len(train_windows), (config.batch_size,), generator=generator)
             ids = torch.from_numpy(train_windows[idx.numpy()]).to(reconstructor.device)
             shape = (ids.shape[0], ids.shape[1])
             mask = random_masks(shape, generator, config.min_mask_rate, config.max_mask_rate).to(reconstructor.device)
-            loss = reconstructor.training_loss(ids, mask) / config.grad_accum
-            loss.backward()
-            loss_value += float(loss.detach())
+            batches.append((ids, mask, None))
             tokens += ids.numel()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        model.eval()
+            if not first_batch:
+                first_batch = hashlib.sha256(ids.cpu().numpy().tobytes()).hexdigest()[:16]
+        loss_value = trainer.step(batches)
+        if step == start_step:
+            losses["first"] = trainer.mean_over_processes(loss_value)
+        if step == config.steps - 1:
+            losses["last"] = trainer.mean_over_processes(loss_value)
         bar.update(1)
         bar.set_postfix(loss=f"{loss_value:.3f}")
         if writer is not None and step % 10 == 0:
             writer.add_scalar("pretrain/loss_nats", loss_value, step)
-            writer.add_scalar("pretrain/lr", optimizer.param_groups[0]["lr"], step)
+            writer.add_scalar("pretrain/lr", trainer.optimizer.param_groups[0]["lr"], step)
         done = step + 1
         if config.eval_every and done % config.eval_every == 0 and done < config.steps and writer is not None:
             for rate, bits in evaluate_bits(reconstructor, eval_windows, config.eval_mask_rates).items():
                 writer.add_scalar(f"pretrain/val_bits_per_masked_token@{rate}", bits, done)
         if ckpt is not None and config.checkpoint_every and done % config.checkpoint_every == 0:
-            save_checkpoint(reconstructor, optimizer, done, ckpt)
+            if main:
+                save_checkpoint(reconstructor, trainer, done, ckpt)
+            wait_for_everyone(accelerator)
     bar.close()
     seconds = time.perf_counter() - started
-    model.eval()
-    val_bits = evaluate_bits(reconstructor, eval_windows, config.eval_mask_rates)
+    reconstructor.model.eval()
+    val_bits = evaluate_bits(reconstructor, eval_windows, config.eval_mask_rates) if main else {}
     if writer is not None:
         for rate, bits in val_bits.items():
             writer.add_scalar(f"pretrain/val_bits_per_masked_token@{rate}", bits, config.steps)
         writer.close()
-    if ckpt is not None:
-        save_checkpoint(reconstructor, optimizer, config.steps, ckpt)
+    if ckpt is not None and main:
+        save_checkpoint(reconstructor, trainer, config.steps, ckpt)
+    fingerprints = gather_objects(first_batch, accelerator)
+    weights = gather_objects(weights_fingerprint(reconstructor.model), accelerator)
+    wait_for_everyone(accelerator)
     return {
         "steps": config.steps,
         "resumed_from_step": start_step,
         "seconds": seconds,
         "train_tokens_per_second": tokens / seconds if seconds > 0 else 0.0,
+        "train_loss_nats": losses,
         "val_bits_per_masked_token": val_bits,
+        "processes": trainer.processes,
+        "batch_fingerprints": fingerprints,
+        "weights_fingerprints": weights,
     }
 
 
@@ -296,30 +350,45 @@ def build_reconstructor(
     device: str = "auto",
     progress: bool = True,
     tensorboard_dir: str | Path | None = None,
+    num_proc: int | None = None,
+    accelerator: Accelerator | None = None,
 ) -> tuple[Reconstructor, dict[str, Any]]:
     """Build a reconstructor from scratch: split the corpus, train the tokenizer, pretrain, save.
 
     The tokenizer is trained on the training split only. Resumes an interrupted build from
     ``<output_dir>.partial`` (its checkpoint), and writes ``output_dir`` only when complete.
 
+    With an ``accelerator`` (several processes, see :func:`~tokencompress_env.trainer.make_accelerator`),
+    the main process trains the tokenizer and sends it to the others, the corpus is prepared by the
+    first process of each machine while the others wait (then read the cache it wrote), the model is
+    trained with synchronised gradients on ``accelerator.device``, and only the main process writes the
+    checkpoints and ``output_dir``. Resuming reads ``<output_dir>.partial`` in every process, so on
+    several machines it must be on a shared filesystem.
+
     :param config: build settings
     :param output_dir: final directory of the reconstructor
-    :param device: where to train
+    :param device: where to train (a multi-process run uses each process's own device)
     :param progress: show progress bars
     :param tensorboard_dir: folder for TensorBoard events (``None``: none)
+    :param num_proc: processes for tokenising the corpus (:meth:`datasets.Dataset.map`; ``None``: one)
+    :param accelerator: the accelerator of a multi-process run (``None``: one process)
     :return: the reconstructor and the build report
     """
     output_dir = Path(output_dir)
+    main = is_main_process(accelerator)
+    where: str | torch.device = device if accelerator is None else accelerator.device
     partial = output_dir.with_name(output_dir.name + ".partial")  # created by the first checkpoint, not before
     documents = split_documents(load_documents(config.source))
     ckpt = partial / "checkpoint"
     if (ckpt / "state.json").exists():
-        reconstructor = Reconstructor.from_pretrained(ckpt, device=device)
+        reconstructor = Reconstructor.from_pretrained(ckpt, device=where)
     else:
-        tokenizer = train_bpe_tokenizer(documents["train"]["text"], vocab_size=config.vocab_size)
-        reconstructor = Reconstructor.new(tokenizer, config.preset, device=device, seed=config.seed)
+        tokenizer = train_bpe_tokenizer(documents["train"]["text"], vocab_size=config.vocab_size) if main else None
+        tokenizer = broadcast_object(tokenizer, accelerator)  # one tokenizer for all processes
+        reconstructor = Reconstructor.new(tokenizer, config.preset, device=where, seed=config.seed)
     spec = CorpusSpec(source=config.source, seq_len=config.seq_len)
-    windows = prepare_corpus(spec, reconstructor.tokenizer, documents=documents)
+    with main_process_first(accelerator):  # the first process fills the corpus cache; the others read it
+        windows = prepare_corpus(spec, reconstructor.tokenizer, documents=documents, num_proc=num_proc)
     train, val = window_array(windows["train"]), window_array(windows["validation"])
     if len(train) and not len(val):
         held_out = len(documents["validation"])
@@ -328,7 +397,16 @@ def build_reconstructor(
             f"({held_out} of {sum(len(d) for d in documents.values())} documents held out, all shorter): "
             "give more text (more documents) or a shorter --seq_len"
         )
-    report = pretrain(reconstructor, train, val, config.pretrain, checkpoint_dir=ckpt, tensorboard_dir=tensorboard_dir, progress=progress)
+    report = pretrain(
+        reconstructor,
+        train,
+        val,
+        config.pretrain,
+        checkpoint_dir=ckpt,
+        tensorboard_dir=tensorboard_dir,
+        progress=progress,
+        accelerator=accelerator,
+    )
     report.update(
         {
             "corpus_tokens": count_tokens(windows),
@@ -336,23 +414,11 @@ def build_reconstructor(
             "build_config": asdict(config),
         }
     )
-    tmp = temp_folder(output_dir)
-    reconstructor.save_pretrained(tmp, build_info=report)
-    publish_folder(tmp, output_dir)
-    shutil.rmtree(partial, ignore_errors=True)
+    if main:
+        tmp = temp_folder(output_dir)
+        info = {k: v for k, v in report.items() if not k.endswith("_fingerprints")}
+        reconstructor.save_pretrained(tmp, build_info=info)
+        publish_folder(tmp, output_dir)
+        shutil.rmtree(partial, ignore_errors=True)
+    wait_for_everyone(accelerator)
     return reconstructor, report
-
-
-def default_reconstructor(preset: str = "tiny", device: str | torch.device = "auto", progress: bool = True) -> Reconstructor:
-    """Return the offline preset reconstructor, building and caching it on first use.
-
-    :param preset: ``"tiny"`` (the default) or ``"test"``
-    :param device: where to run
-    :param progress: show progress while building
-    :return: the reconstructor
-    """
-    path = default_reconstructor_dir(preset)
-    if not (path / "model.safetensors").exists():
-        print(f"Building the '{preset}' reconstructor in {path} (first use only; later runs reuse it)...", flush=True)
-        build_reconstructor(PRESET_BUILDS[preset], path, device=str(device), progress=progress)
-    return Reconstructor._load_local(path, device)

@@ -317,8 +317,9 @@ class Reconstructor:
     def from_pretrained(cls, name_or_path: str | Path = "tiny", device: str | torch.device = "auto") -> Reconstructor:
         """Load a reconstructor from a preset name, a local directory, or a Hugging Face hub name.
 
-        * ``"tiny"`` (the offline default): the package's own small GPT-2, built and cached on first
-          use (see :func:`tokencompress_env.pretrain.default_reconstructor`).
+        * ``"tiny"`` (the offline default) or ``"test"``: the package's own small GPT-2, read from the
+          cache. Loading never builds: a preset not built yet is an error that names the command that
+          builds it (entry points build it first with :func:`tokencompress_env.presets.load_or_build`).
         * a directory written by :meth:`save_pretrained` (or any local GPT-2 checkpoint).
         * a hub name such as ``"gpt2"`` or ``"distilgpt2"`` (needs the network); a mask token is
           added to its tokenizer and its embeddings grow by one.
@@ -328,12 +329,19 @@ class Reconstructor:
         :param name_or_path: preset, directory or hub name
         :param device: where to run
         :return: the reconstructor
+        :raises ReconstructorLoadError: for a preset not built yet, a missing or broken directory, or a hub
+            name that cannot be fetched
         """
         name = str(name_or_path)
         if name in PRESETS:
-            from tokencompress_env.pretrain import default_reconstructor
-
-            return default_reconstructor(name, device=device)
+            preset_dir = default_reconstructor_dir(name)
+            if not (preset_dir / "model.safetensors").exists():
+                raise ReconstructorLoadError(
+                    f"the '{name}' reconstructor is not built yet (no {preset_dir / 'model.safetensors'}): build it with "
+                    f"'python -m experiments.pretrain_reconstructor --preset {name}' "
+                    f"(or tokencompress_env.presets.ensure_preset('{name}'))"
+                )
+            return cls._load_local(preset_dir, device)
         path = Path(name).expanduser()
         if path.exists():
             return cls._load_local(path, device)
@@ -479,13 +487,15 @@ class Reconstructor:
         ids = torch.where(valid_t, ids, torch.full_like(ids, self.pad_token_id))
         return ids, mask_t, valid_t
 
-    def _forward(self, inputs: torch.Tensor) -> torch.Tensor:
+    def _forward(self, inputs: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
         """Run the master model on full compressed inputs (no cache) and return its logits (training).
 
         :param inputs: ``[B, L]`` from :meth:`compressed_inputs`
+        :param model: the module to run (``None``: the master model; a distributed wrapper of it in multi-process training)
         :return: ``[B, L, V]`` logits
         """
-        return self.model(input_ids=inputs, attention_mask=torch.ones_like(inputs), use_cache=False).logits
+        module = self.model if model is None else model
+        return module(input_ids=inputs, attention_mask=torch.ones_like(inputs), use_cache=False).logits
 
     def _trunk(
         self,
@@ -710,7 +720,9 @@ class Reconstructor:
         return [str(self.tokenizer.decode(row[v].tolist())) for row, v in zip(filled, valid_np, strict=True)]
 
     # ------------------------------------------------------------------ training
-    def training_loss(self, input_ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None) -> torch.Tensor:
+    def training_loss(
+        self, input_ids: torch.Tensor, mask: torch.Tensor, valid: torch.Tensor | None = None, model: torch.nn.Module | None = None
+    ) -> torch.Tensor:
         """Mean cross-entropy (nats) of every real token given its compressed prefix, with gradients.
 
         Predicting ``x_i`` from ``x~_{<i}`` is the same task whether ``x_i`` itself is dropped or
@@ -719,10 +731,12 @@ class Reconstructor:
         :param input_ids: ``[B, L]`` ids on the model's device
         :param mask: ``[B, L]`` dropped positions
         :param valid: ``[B, L]`` real positions (``None``: all)
+        :param model: the module to run: ``None`` for :attr:`model`, or a wrapper of it that synchronises
+            gradients across processes (:class:`~tokencompress_env.trainer.ReconstructorTrainer`)
         :return: a scalar loss
         """
         ids, mask_t, valid_t = self._prepare(input_ids, mask, valid)
-        logits = self._forward(self.compressed_inputs(ids, mask_t)).float()
+        logits = self._forward(self.compressed_inputs(ids, mask_t), model).float()
         nats = F.cross_entropy(logits.transpose(1, 2), ids, reduction="none")
         return (nats * valid_t).sum() / valid_t.sum().clamp(min=1)
 
