@@ -11,7 +11,7 @@ import torch as th
 
 from agents.distill import cheapest_tokens, distill_policy
 from agents.policy import TokenActorCriticPolicy
-from tokencompress_env.env import make_spaces
+from tokencompress_env.observation import make_spaces
 
 SEQ_LEN, VOCAB, A, B = 32, 64, 1, 2
 
@@ -27,8 +27,9 @@ def one_torch_thread() -> Any:
 def test_cheapest_tokens_labels_the_lowest_surprisal_maskable_tokens() -> None:
     surprisal = th.tensor([[5.0, 1.0, 3.0, 0.5, 2.0, 9.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
     maskable = th.tensor([[True, True, True, False, True, True], [True, True, True, True, True, True]])
-    labels = cheapest_tokens(surprisal, maskable, th.tensor([0.4, 0.5]))
-    # row 0: 5 maskable, budget round(0.4 * 5) = 2: the 1.0 and the 2.0 (the 0.5 is not maskable)
+    valid = th.ones_like(maskable)
+    labels = cheapest_tokens(surprisal, valid, maskable, th.tensor([0.4, 0.5]))
+    # row 0: 6 real tokens, budget round(0.4 * 6) = 2: the 1.0 and the 2.0 (the 0.5 is not maskable)
     assert labels[0].tolist() == [0, 1, 0, 0, 1, 0]
     assert labels[1].tolist() == [1, 1, 1, 0, 0, 0]
 

@@ -2,9 +2,10 @@
 
 This module holds the single environment :class:`TokenMaskEnv` and what it shares with the natively
 batched :class:`~tokencompress_env.vector_env.TokenMaskVectorEnv`: the window data
-(:class:`WindowSet`, :func:`load_windows`), the force-keep rules (:func:`force_keep_mask`), the spaces
-(:func:`make_spaces`) and the batched dynamics (:class:`TokenMaskCore`). The single env is a
-:class:`TokenMaskCore` of batch size one, so both envs run exactly the same code.
+(:class:`WindowSet`, :func:`load_windows`), the force-keep rules (:func:`force_keep_mask`) and the
+batched dynamics (:class:`TokenMaskCore`). The single env is a :class:`TokenMaskCore` of batch size one,
+so both envs run exactly the same code. The observation (its spaces, decision codes and construction)
+is owned by :mod:`tokencompress_env.observation`.
 """
 
 from __future__ import annotations
@@ -18,20 +19,16 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
 from tokencompress_env.data import CorpusSpec, prepare_corpus, tokenizer_id, window_array
 from tokencompress_env.errors import ConfigError, DataSourceError, InputError
+from tokencompress_env.observation import MAX_SURPRISAL_BITS, Decision, build_observation, make_spaces
 from tokencompress_env.paths import cache_root
 from tokencompress_env.reconstructor import PRESETS, SCORING_DTYPES, Reconstructor, default_reconstructor_dir, resolve_device
 from tokencompress_env.reward import EpisodeScorer, RewardConfig, StepOutcome
 from tokencompress_env.units import check_units, spread_to_units, unit_heads, unit_starts
 
-#: Decision codes in the ``decisions`` observation.
-UNDECIDED, KEPT, MASKED = 0, 1, 2
-#: Upper bound of the ``surprisal`` observation, in bits (values are clipped to it).
-MAX_SURPRISAL_BITS = 64.0
 #: Splits a corpus provides.
 SPLITS = ("train", "validation", "test")
 #: Options of ``reset(options=...)``.
@@ -195,28 +192,6 @@ def force_keep_mask(
     return keep & valid
 
 
-def make_spaces(seq_len: int, chunk_size: int, vocab_size: int, observe_surprisal: bool) -> tuple[spaces.Dict, spaces.MultiBinary]:
-    """The observation and action space of one TokenMask-v0 environment.
-
-    :param seq_len: window length
-    :param chunk_size: tokens decided per step
-    :param vocab_size: number of token ids
-    :param observe_surprisal: include the ``surprisal`` feature
-    :return: observation space and action space
-    """
-    obs: dict[str, spaces.Space[Any]] = {
-        "token_ids": spaces.Box(0, vocab_size - 1, (seq_len,), np.int64),
-        "decisions": spaces.Box(0, 2, (seq_len,), np.int64),
-        "valid": spaces.Box(0, 1, (seq_len,), np.int64),
-        "force_keep": spaces.Box(0, 1, (seq_len,), np.int64),
-        "position": spaces.Box(0, seq_len, (1,), np.int64),
-        "target_mask_rate": spaces.Box(0.0, 1.0, (1,), np.float32),
-    }
-    if observe_surprisal:
-        obs["surprisal"] = spaces.Box(0.0, MAX_SURPRISAL_BITS, (seq_len,), np.float32)
-    return spaces.Dict(obs), spaces.MultiBinary(chunk_size)
-
-
 def draw_episode(
     rng: np.random.Generator,
     n_windows: int,
@@ -344,7 +319,7 @@ class TokenMaskCore:
         self.force_keep[:] = self.windows.force_keep[idx]
         self.heads[:] = np.arange(self.seq_len) if self.windows.heads is None else self.windows.heads[idx]
         np.logical_and(self.valid, ~self.force_keep, out=self.maskable)
-        self.decisions.fill(UNDECIDED)
+        self.decisions.fill(Decision.UNDECIDED)
         self.position = 0
         self.scorer.begin(np.asarray(target, dtype=np.float64), self.valid.sum(1))
         if self.observe_surprisal:
@@ -359,7 +334,7 @@ class TokenMaskCore:
         self.scorer.state = self.reconstructor.begin_scoring(self.batch_size, self.scorer.dtype)
         if self.position > 0:
             p = self.position
-            dropped = self.decisions[:, :p] == MASKED
+            dropped = self.decisions[:, :p] == Decision.MASKED
             self.reconstructor.score_chunk(self.scorer.state, self.token_ids[:, :p], dropped, self.valid[:, :p], positions="masked")
         self._needs_rebuild = False
 
@@ -383,9 +358,9 @@ class TokenMaskCore:
         p, k = self.position, self.chunk_size
         heads = self.heads[:, p : p + k]
         rows = np.arange(self.batch_size)[:, None]
-        drop = np.where(heads >= p, act[rows, np.clip(heads - p, 0, k - 1)] != 0, self.decisions[rows, heads] == MASKED)
+        drop = np.where(heads >= p, act[rows, np.clip(heads - p, 0, k - 1)] != 0, self.decisions[rows, heads] == Decision.MASKED)
         mask = drop & self.maskable[:, p : p + k]
-        self.decisions[:, p : p + k] = np.where(mask, MASKED, KEPT)
+        self.decisions[:, p : p + k] = np.where(mask, Decision.MASKED, Decision.KEPT)
         outcome = self.scorer.step(self.token_ids[:, p : p + k], mask, self.valid[:, p : p + k])
         self.position += k
         self._last = outcome
@@ -396,17 +371,8 @@ class TokenMaskCore:
 
         :return: a dict of ``[B, ...]`` arrays keyed like the observation space
         """
-        obs = {
-            "token_ids": self.token_ids.copy(),
-            "decisions": self.decisions.copy(),
-            "valid": self.valid.astype(np.int64),
-            "force_keep": self.force_keep.astype(np.int64),
-            "position": np.full((self.batch_size, 1), self.position, dtype=np.int64),
-            "target_mask_rate": self.scorer.target.astype(np.float32)[:, None],
-        }
-        if self.observe_surprisal:
-            obs["surprisal"] = self.surprisal.copy()
-        return obs
+        surprisal = self.surprisal if self.observe_surprisal else None
+        return build_observation(self.token_ids, self.valid, self.force_keep, self.scorer.target, surprisal, self.decisions, self.position)
 
     def infos(self) -> dict[str, np.ndarray]:
         """Deterministic per-row facts of the episodes so far (no timings).
@@ -447,7 +413,7 @@ class TokenMaskCore:
             maskable = self.maskable[:, p : p + self.chunk_size]
             heads = self.heads[:, p : p + self.chunk_size]
             decided = heads < p
-            head_dropped = self.decisions[np.arange(self.batch_size)[:, None], heads] == MASKED
+            head_dropped = self.decisions[np.arange(self.batch_size)[:, None], heads] == Decision.MASKED
             masks[:, :, 1] = maskable & (~decided | head_dropped)
             masks[:, :, 0] = ~(maskable & decided & head_dropped)
         return masks.reshape(self.batch_size, 2 * self.chunk_size)
@@ -458,7 +424,7 @@ class TokenMaskCore:
         :param row: which row
         :return: the text
         """
-        ids = np.where(self.decisions[row] == MASKED, self.reconstructor.mask_token_id, self.token_ids[row])[self.valid[row]]
+        ids = np.where(self.decisions[row] == Decision.MASKED, self.reconstructor.mask_token_id, self.token_ids[row])[self.valid[row]]
         return str(self.reconstructor.tokenizer.decode(ids.tolist()))
 
     def __getstate__(self) -> dict[str, Any]:
