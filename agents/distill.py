@@ -64,7 +64,8 @@ def distill_policy(
     steps: int = 300,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
-    rate_range: tuple[float, float] = (0.2, 0.8),
+    mask_rate_min: float = 0.2,
+    mask_rate_max: float = 0.8,
     observe_surprisal: bool = False,
     on_policy_fraction: float = 0.5,
     target: str = "rank",
@@ -86,7 +87,8 @@ def distill_policy(
     :param steps: optimizer steps
     :param batch_size: windows per step
     :param learning_rate: Adam learning rate
-    :param rate_range: range of the uniformly drawn target mask rates
+    :param mask_rate_min: lowest of the uniformly drawn target mask rates
+    :param mask_rate_max: highest of the uniformly drawn target mask rates
     :param observe_surprisal: the policy observes the reconstructor's surprisal of the original tokens
     :param on_policy_fraction: fraction of each batch whose context is the policy's own current mask
     :param target: ``"rank"``: binary cross-entropy against the labels of the ``rate_budget`` cheapest
@@ -124,8 +126,7 @@ def distill_policy(
         ids = th.as_tensor(windows[idx], dtype=th.long)
         keep = th.as_tensor(force_keep[idx], dtype=th.bool)
         real = th.as_tensor(valid[idx], dtype=th.bool)
-        lo, hi = rate_range
-        rate = lo + (hi - lo) * th.rand(batch_size, generator=generator)
+        rate = mask_rate_min + (mask_rate_max - mask_rate_min) * th.rand(batch_size, generator=generator)
         maskable = ~keep & real
         bits = reconstructor.surprisal(ids, real, dtype=teacher_dtype).cpu().float().numpy() if observe_surprisal else None
         obs = build_observation(ids.numpy(), real.numpy(), keep.numpy(), rate.numpy(), bits)

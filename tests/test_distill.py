@@ -105,7 +105,8 @@ def test_distillation_learns_to_drop_a_planted_predictable_token_first(target: s
         steps=150,
         batch_size=16,
         learning_rate=3e-3,
-        rate_range=(0.05, 0.15),
+        mask_rate_min=0.05,
+        mask_rate_max=0.15,
         target=target,
         progress=False,
     )
