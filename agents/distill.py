@@ -4,7 +4,8 @@ PPO alone learns slowly here: a step's reward sums the outcome of ``chunk_size``
 credit of one token's decision is buried in the others'. The reconstructor, however, can say directly
 which tokens are cheap to drop. :func:`distill_policy` trains the policy's per-token head to rank, in
 each window and at the window's target mask rate ``r``, the tokens that are cheapest to drop: the
-``round(r * n)`` tokens of lowest surprisal under the reconstructor *given a compressed context at rate
+tokens of lowest surprisal under the reconstructor, as many as the env's rate rule drops
+(:func:`~tokencompress_env.baselines.rate_budget`), *given a compressed context at rate
 r* (not given the full original text, as Selective Context ranks). The context is, for a fraction
 ``on_policy_fraction`` of each batch, the policy's own current choice at rate r (the context its drops
 will really meet), and otherwise a random mask at rate r; fresh contexts every batch, so the labels
@@ -25,6 +26,8 @@ import torch as th
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from tokencompress_env.baselines import rate_budget
+from tokencompress_env.observation import build_observation
 from tokencompress_env.reconstructor import Reconstructor, resolve_scoring_dtype
 
 #: Distillation targets (see :func:`distill_policy`).
@@ -33,18 +36,23 @@ DISTILL_TARGETS = ("rank", "cost")
 COST_SCALE = 4.0
 
 
-def cheapest_tokens(surprisal: th.Tensor, maskable: th.Tensor, rate: th.Tensor) -> th.Tensor:
-    """Label the ``round(rate * n_maskable)`` lowest-surprisal maskable tokens of each row.
+def cheapest_tokens(surprisal: th.Tensor, valid: th.Tensor, maskable: th.Tensor, rate: th.Tensor) -> th.Tensor:
+    """Label the lowest-surprisal maskable tokens of each row, as many as the rate rule drops.
+
+    The count is :func:`~tokencompress_env.baselines.rate_budget`, the project's one rate rule:
+    ``min(round_half_up(rate * n_valid), n_maskable)``, the drops at which TokenMask-v0's rate term is
+    zero (force-kept tokens count in the denominator, as in the reward).
 
     :param surprisal: ``[B, L]`` bits
-    :param maskable: ``[B, L]`` bool
+    :param valid: ``[B, L]`` bool, real positions
+    :param maskable: ``[B, L]`` bool, positions that may be dropped
     :param rate: ``[B]`` mask rates
     :return: ``[B, L]`` float labels (1 = drop)
     """
-    budget = th.floor(rate * maskable.sum(1) + 0.5).long()
+    budget = th.as_tensor(rate_budget(rate.detach().cpu().double().numpy(), valid.cpu().numpy(), maskable.cpu().numpy()))
     key = surprisal.masked_fill(~maskable, float("inf"))
     rank = key.argsort(dim=1).argsort(dim=1)
-    return ((rank < budget[:, None]) & maskable).float()
+    return ((rank < budget.to(rank.device)[:, None]) & maskable).float()
 
 
 def distill_policy(
@@ -56,7 +64,8 @@ def distill_policy(
     steps: int = 300,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
-    rate_range: tuple[float, float] = (0.2, 0.8),
+    mask_rate_min: float = 0.2,
+    mask_rate_max: float = 0.8,
     observe_surprisal: bool = False,
     on_policy_fraction: float = 0.5,
     target: str = "rank",
@@ -78,10 +87,11 @@ def distill_policy(
     :param steps: optimizer steps
     :param batch_size: windows per step
     :param learning_rate: Adam learning rate
-    :param rate_range: range of the uniformly drawn target mask rates
+    :param mask_rate_min: lowest of the uniformly drawn target mask rates
+    :param mask_rate_max: highest of the uniformly drawn target mask rates
     :param observe_surprisal: the policy observes the reconstructor's surprisal of the original tokens
     :param on_policy_fraction: fraction of each batch whose context is the policy's own current mask
-    :param target: ``"rank"``: binary cross-entropy against the labels of the ``round(r * n)`` cheapest
+    :param target: ``"rank"``: binary cross-entropy against the labels of the ``rate_budget`` cheapest
         tokens; ``"cost"``: regression of ``-logit`` on each token's surprisal (bits, clipped at 20) given
         the compressed context, so the logits rank tokens by their predicted cost at every rate
     :param scoring_dtype: precision of the reconstructor's forward passes that make the labels (see
@@ -116,29 +126,20 @@ def distill_policy(
         ids = th.as_tensor(windows[idx], dtype=th.long)
         keep = th.as_tensor(force_keep[idx], dtype=th.bool)
         real = th.as_tensor(valid[idx], dtype=th.bool)
-        lo, hi = rate_range
-        rate = lo + (hi - lo) * th.rand(batch_size, generator=generator)
+        rate = mask_rate_min + (mask_rate_max - mask_rate_min) * th.rand(batch_size, generator=generator)
         maskable = ~keep & real
-        obs = {
-            "token_ids": ids,
-            "decisions": th.zeros_like(ids),
-            "valid": real.long(),
-            "force_keep": keep.long(),
-            "position": th.zeros((batch_size, 1), dtype=th.long),
-            "target_mask_rate": rate[:, None].float(),
-        }
-        if observe_surprisal:
-            obs["surprisal"] = reconstructor.surprisal(ids, real, dtype=teacher_dtype).cpu().float()
-        obs_t = {k: v.to(device).float() for k, v in obs.items()}
+        bits = reconstructor.surprisal(ids, real, dtype=teacher_dtype).cpu().float().numpy() if observe_surprisal else None
+        obs = build_observation(ids.numpy(), real.numpy(), keep.numpy(), rate.numpy(), bits)
+        obs_t = {k: th.as_tensor(v).to(device).float() for k, v in obs.items()}
         logits = policy.token_mask_logits(obs_t, exclude_invalid=False)
         context = th.rand(ids.shape, generator=generator) < rate[:, None]
         n_on_policy = round(batch_size * on_policy_fraction) if step > 0 else 0
         if n_on_policy:
-            own = cheapest_tokens(-logits.detach().cpu()[:n_on_policy], maskable[:n_on_policy], rate[:n_on_policy]) > 0
+            own = cheapest_tokens(-logits.detach().cpu()[:n_on_policy], real[:n_on_policy], maskable[:n_on_policy], rate[:n_on_policy]) > 0
             context[:n_on_policy] = own
         with th.no_grad():
             scores = reconstructor.score(ids, context, real, dtype=teacher_dtype)
-        labels = cheapest_tokens(scores.surprisal.cpu(), maskable, rate)
+        labels = cheapest_tokens(scores.surprisal.cpu(), real, maskable, rate)
         weight = maskable.to(device).float()
         if target == "cost":
             cost = scores.surprisal.to(device).float().clamp(max=20.0) / COST_SCALE
@@ -152,7 +153,7 @@ def distill_policy(
         optimizer.step()
         losses.append(float(loss.detach()))
         with th.no_grad():
-            picked = cheapest_tokens(-logits.detach().cpu(), maskable, rate)
+            picked = cheapest_tokens(-logits.detach().cpu(), real, maskable, rate)
             agreement = float((picked * labels).sum() / labels.sum().clamp(min=1))
         bar.set_postfix(loss=f"{losses[-1]:.3f}", agree=f"{agreement:.2f}")
         if logger is not None and step % 10 == 0:

@@ -21,12 +21,10 @@ from stable_baselines3.common.torch_layers import BaseFeaturesExtractor
 from torch import nn
 from torch.nn import functional as F
 
-#: Observation keys the extractor requires.
-REQUIRED_KEYS = ("token_ids", "decisions", "valid", "force_keep", "position", "target_mask_rate")
-#: Optional key with per-token surprisal in bits.
-SURPRISAL_KEY = "surprisal"
-#: Number of decision states (0 undecided, 1 kept, 2 masked).
-N_DECISIONS = 3
+from tokencompress_env.observation import OBSERVATION_KEYS, SURPRISAL, Decision
+
+#: Number of decision states (:class:`~tokencompress_env.observation.Decision`).
+N_DECISIONS = len(Decision)
 #: Number of copy features per token (see :func:`copy_features`).
 N_COPY_FEATURES = 4
 
@@ -154,7 +152,7 @@ class LocalContextExtractor(BaseFeaturesExtractor):
     ) -> None:
         if not isinstance(observation_space, spaces.Dict):
             raise TypeError(f"LocalContextExtractor needs a Dict observation space, got {type(observation_space).__name__}")
-        missing = [key for key in REQUIRED_KEYS if key not in observation_space.spaces]
+        missing = [key for key in OBSERVATION_KEYS if key not in observation_space.spaces]
         if missing:
             raise KeyError(f"observation space lacks keys {missing}; it has {sorted(observation_space.spaces)}")
         super().__init__(observation_space, features_dim=2 * hidden_dim + 2)
@@ -165,7 +163,7 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         self.embed_dim = embed_dim
         self.hidden_dim = hidden_dim
         self.chunk_size = chunk_size
-        self.use_surprisal = SURPRISAL_KEY in observation_space.spaces
+        self.use_surprisal = SURPRISAL in observation_space.spaces
         self.surprisal_scale = surprisal_scale
         self.use_decisions = use_decisions
         self.use_copy_features = use_copy_features
@@ -197,7 +195,7 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         rate = observations["target_mask_rate"].float().reshape(-1, 1).expand_as(valid)
         scalars = [rate, valid, force_keep]
         if self.use_surprisal:
-            scalars.append(observations[SURPRISAL_KEY].float() / self.surprisal_scale)
+            scalars.append(observations[SURPRISAL].float() / self.surprisal_scale)
         if not self.use_decisions:
             decisions = th.zeros_like(decisions)
         scalar_inputs = th.stack(scalars, dim=-1)

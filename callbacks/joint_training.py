@@ -21,12 +21,10 @@ import torch
 from stable_baselines3.common.callbacks import BaseCallback
 from stable_baselines3.common.on_policy_algorithm import OnPolicyAlgorithm
 
+from tokencompress_env.observation import Decision
 from tokencompress_env.pretrain import random_masks
 from tokencompress_env.reconstructor import Reconstructor
 from tokencompress_env.trainer import MicroBatch, ReconstructorTrainer
-
-#: Value of ``decisions`` for a dropped token in the observation.
-MASKED = 2
 
 
 def masks_from_rollout(observations: dict[str, np.ndarray], actions: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -46,7 +44,7 @@ def masks_from_rollout(observations: dict[str, np.ndarray], actions: np.ndarray)
     ids = flat["token_ids"][last].round().astype(np.int64)
     valid = flat["valid"][last] > 0.5
     force_keep = flat["force_keep"][last] > 0.5
-    mask = flat["decisions"][last].round().astype(np.int64) == MASKED
+    mask = flat["decisions"][last].round().astype(np.int64) == Decision.MASKED
     mask[:, seq_len - chunk :] = acts[last]
     mask &= valid & ~force_keep
     return ids, mask, valid

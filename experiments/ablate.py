@@ -38,7 +38,7 @@ import shutil
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from experiments.evaluate import EvaluateConfig, run_evaluation
 from experiments.train_ppo import TrainConfig, train
 from tokencompress_env.errors import ConfigError
 from tokencompress_env.evaluation import POOLED, WINDOW_STATS_FILE, paired_difference_between
+from tokencompress_env.options import option, option_factory
 from tokencompress_env.run_folder import CHECKPOINTS, CONFIG, REFERENCE_RECONSTRUCTOR, has_checkpoint, is_finished_run
 
 ROOT = Path(__file__).resolve().parent
@@ -71,36 +72,34 @@ INIT_FROM_DISTILLATION = ("distill_token_ppo",)
 class AblateConfig:
     """Options of ``experiments.ablate``.
 
-    :param base_config: JSON config of the training runs (the base every variant changes)
-    :param variants: variants to run (see :data:`VARIANTS`)
-    :param seeds: seeds of each variant
-    :param runs_dir: parent folder of the ablation's runs
-    :param out: folder of ``ablation.md`` and ``ablation.json`` (default: ``<runs_dir>/results``)
-    :param split: held-out split of the evaluation (``validation``: the ablation chooses; never ``test``)
-    :param mask_rates: requested mask rates
-    :param max_windows: evaluated windows
-    :param baselines: baselines evaluated beside the variants (on the same windows)
-    :param device: ``auto``, ``cpu``, ``cuda`` or ``mps``
-    :param progress_bar: show progress bars
-    :param train_only: train the runs and stop (e.g. one process per seed in parallel; a later call
-        without it reuses the finished runs and evaluates)
-    :param compare_to: the variant every other one is compared with, paired by window (its policy's bits
-        subtracted from theirs, interval over documents); ignored when it is not among ``variants``
+    Each option is documented at its field (``--help`` prints the docs).
     """
 
-    base_config: str = str(ROOT / "configs" / "dev" / "small_scale.json")
-    variants: list[str] = field(default_factory=lambda: list(VARIANTS))
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    runs_dir: str = "runs/ablate"
-    out: str | None = None
-    split: str = "validation"
-    mask_rates: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
-    max_windows: int = 128
-    baselines: list[str] = field(default_factory=lambda: ["frequency", "self_information"])
-    device: str = "auto"
-    progress_bar: bool = False
-    train_only: bool = False
-    compare_to: str = "distill_only"
+    base_config: str = option(
+        str(ROOT / "configs" / "dev" / "small_scale.json"),
+        "JSON config of the training runs (the base every variant changes)",
+    )
+    variants: list[str] = option_factory(lambda: list(VARIANTS), "variants to run (see VARIANTS)")
+    seeds: list[int] = option_factory(lambda: [0, 1, 2], "seeds of each variant")
+    runs_dir: str = option("runs/ablate", "parent folder of the ablation's runs")
+    out: str | None = option(None, "folder of 'ablation.md' and 'ablation.json' (default: '<runs_dir>/results')")
+    split: str = option("validation", "held-out split of the evaluation ('validation': the ablation chooses; never 'test')")
+    mask_rates: list[float] = option_factory(lambda: [0.2, 0.4, 0.6, 0.8], "requested mask rates")
+    max_windows: int = option(128, "evaluated windows")
+    baselines: list[str] = option_factory(
+        lambda: ["frequency", "self_information"], "baselines evaluated beside the variants (on the same windows)"
+    )
+    device: str = option("auto", "'auto', 'cpu', 'cuda' or 'mps'")
+    progress_bar: bool = option(False, "show progress bars")
+    train_only: bool = option(
+        False,
+        "train the runs and stop (e.g. one process per seed in parallel; a later call without it reuses the finished runs and evaluates)",
+    )
+    compare_to: str = option(
+        "distill_only",
+        "the variant every other one is compared with, paired by window (its policy's bits subtracted from theirs, "
+        "interval over documents); ignored when it is not among the variants",
+    )
 
     def validate(self) -> None:
         """Reject unknown variants and an empty seed list."""

@@ -41,33 +41,29 @@ import torch
 
 from experiments.config import cli_main, parse_config
 from tokencompress_env.errors import ConfigError, InputError
+from tokencompress_env.options import option
 
 
 @dataclass
 class BenchmarkConfig:
     """Options of ``experiments.benchmark_compress``.
 
-    :param run: a run folder written by ``experiments.train_ppo``
-    :param out: the JSON file to write
-    :param data: a ``.txt`` file or folder of texts (default: the test split of the run's corpus)
-    :param mask_rate: the mask rate of both methods
-    :param max_tokens: stop adding documents once this many tokens are reached
-    :param repeats: timed repetitions of each method (the median is reported)
-    :param batch_size: windows per forward pass, for both methods
-    :param threads: torch threads for both methods (default 1: on a shared machine more threads than free
-        cores slow torch down several times; ``None``: torch's default)
-    :param device: ``auto``, ``cpu``, ``cuda`` or ``mps``
+    Each option is documented at its field (``--help`` prints the docs).
     """
 
-    run: str = ""
-    out: str = "benchmark_compress.json"
-    data: str | None = None
-    mask_rate: float = 0.4
-    max_tokens: int = 50_000
-    repeats: int = 3
-    batch_size: int = 16
-    threads: int | None = 1
-    device: str = "auto"
+    run: str = option("", "a run folder written by 'experiments.train_ppo'")
+    out: str = option("benchmark_compress.json", "the JSON file to write")
+    data: str | None = option(None, "a '.txt' file or folder of texts (default: the test split of the run's corpus)")
+    mask_rate: float = option(0.4, "the mask rate of both methods")
+    max_tokens: int = option(50_000, "stop adding documents once this many tokens are reached")
+    repeats: int = option(3, "timed repetitions of each method (the median is reported)")
+    batch_size: int = option(16, "windows per forward pass, for both methods")
+    threads: int | None = option(
+        1,
+        "torch threads for both methods (default 1: on a shared machine more threads than free cores slow torch down "
+        "several times; 'None': torch's default)",
+    )
+    device: str = option("auto", "'auto', 'cpu', 'cuda' or 'mps'")
 
     def validate(self) -> None:
         """Reject unusable values with a message that says what to change."""

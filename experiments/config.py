@@ -1,6 +1,7 @@
 """Configuration of the experiment scripts: typed dataclasses, JSON files, command-line overrides.
 
-Each script declares its options as a dataclass (one documented field per option). :func:`parse_config`
+Each script declares its options as a dataclass, one field per option, each with its one-line doc
+(:func:`~tokencompress_env.options.option`), which ``--help`` prints with the default. :func:`parse_config`
 reads ``--config FILE.json`` (keys are the field names), then applies command-line overrides
 (``--key value`` or ``--key-with-dashes value``), validates types, and rejects unknown keys with the
 list of valid ones and the closest match. :func:`cli_main` turns user errors into a one-line message
@@ -23,6 +24,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tokencompress_env.errors import ConfigError, TokenCompressError
+from tokencompress_env.options import option_docs
 
 T = TypeVar("T")
 
@@ -173,7 +175,7 @@ def parse_config(cls: type[T], argv: Sequence[str] | None = None, description: s
 
     Precedence: dataclass defaults < the JSON file < the command line.
 
-    :param cls: the config dataclass (its field docstrings come from the class docstring)
+    :param cls: the config dataclass (``--help`` shows the doc of each field)
     :param argv: arguments (default ``sys.argv[1:]``)
     :param description: the script's description for ``--help``
     :param positional: a field that may also be given as the one positional argument
@@ -200,12 +202,16 @@ def parse_config_values(
     parser.add_argument("--config", help="JSON file of options (keys as below); command-line options override it")
     if positional:
         parser.add_argument("positional", nargs="?", default=None, help=f"same as --{positional}")
+    docs = option_docs(cls)
     for name, field in fields.items():
         inner, _ = _base_type(hints[name])
         flags = [f"--{name}"] + ([f"--{name.replace('_', '-')}"] if "_" in name else [])
         default = field.default if field.default is not dataclasses.MISSING else None
+        if field.default_factory is not dataclasses.MISSING:
+            default = field.default_factory()
         is_seq = typing.get_origin(inner) in (list, tuple) or inner in (list, tuple)
-        parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, nargs="+" if is_seq else None, help=f"(default: {default})")
+        text = f"{docs[name]} (default: {default})" if docs[name] else f"(default: {default})"
+        parser.add_argument(*flags, dest=name, default=argparse.SUPPRESS, nargs="+" if is_seq else None, help=text.replace("%", "%%"))
     namespace = vars(parser.parse_args(list(sys.argv[1:] if argv is None else argv)))
     values: dict[str, Any] = {}
     config_path = namespace.pop("config", None)

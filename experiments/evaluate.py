@@ -42,7 +42,7 @@ import shlex
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,7 @@ from tokencompress_env.evaluation import (
     write_results_markdown,
     write_window_stats,
 )
+from tokencompress_env.options import option, option_factory
 from tokencompress_env.presets import load_or_build
 from tokencompress_env.reconstructor import BUILD_INFO, Reconstructor, parse_device, resolve_device
 from tokencompress_env.run_folder import RunBundle
@@ -97,57 +98,61 @@ from tokencompress_env.units import check_units
 class EvaluateConfig:
     """Options of ``experiments.evaluate`` (every key may be set in the JSON config or on the command line).
 
-    :param run: one or several trained run folders of one configuration (e.g. three seeds): policy,
-        reference and joint reconstructors, corpus; several are evaluated on the same windows and pooled
-    :param reconstructor: baselines-only mode without a run: a reconstructor directory or preset (``tiny``)
-    :param data: a plain text file (or folder of them) to evaluate on; default: the held-out split of the
-        run's corpus, or of the reconstructor's training corpus
-    :param split: held-out split used when ``data`` is not given: ``validation`` for every choice
-        (configs, steps, rates), ``test`` only to report a final configuration
-    :param mask_rates: requested mask rates (a repeated rate is evaluated once)
-    :param methods: methods to evaluate (default: all but ``search``; ``policy`` needs ``run``; ``search`` is the
-        slow bound and runs only when named)
-    :param max_windows: windows evaluated, evenly spread over the data (``None``: all)
-    :param seq_len: tokens per window (default: the run's, or the reconstructor's training window)
-    :param out: output folder
-    :param seed: seed of the random baselines, tie-breaking and the bootstrap
-    :param bootstrap: bootstrap replicates of the 95% intervals
-    :param batch_size: windows per reconstructor forward pass
-    :param segment_len: segment length of ``iterative_self_information``
-    :param device: ``auto``, ``cpu``, ``cuda`` or ``mps``
-    :param title: title of the table and plot (default: the data's name)
-    :param continuation_tokens: tokens after each window scored by the downstream LM (0: no downstream reading)
-    :param downstream_lm: the downstream causal LM: a local directory or hub name (default: the run's reference
-        reconstructor read as a plain causal LM; in baselines-only mode, the given reconstructor)
-    :param downstream_context: most recent context tokens the downstream LM reads before the continuation
-        (default: the window length it was trained on less ``continuation_tokens``, e.g. 96 for the ``tiny``
-        preset's 128-token windows; without build facts, its whole context less the continuation)
-    :param search_windows: windows the ``search`` bound runs on (spread over the evaluated ones); about
-        ``m * k`` window forward passes each (minutes per 128-token window on a CPU)
-    :param units: what every method drops or keeps together: ``piece`` (whole characters) or ``word``
-        (whole words); with words the achieved rate can differ from the requested one by part of a word
+    Each option is documented at its field (``--help`` prints the docs).
     """
 
-    run: list[str] | None = None
-    reconstructor: str | None = None
-    data: str | None = None
-    split: str = "test"
-    mask_rates: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
-    methods: list[str] | None = None
-    max_windows: int | None = 128
-    seq_len: int | None = None
-    out: str = "eval"
-    seed: int = 0
-    bootstrap: int = 1000
-    batch_size: int = 64
-    segment_len: int = 16
-    device: str = "auto"
-    title: str = ""
-    continuation_tokens: int = 32
-    downstream_lm: str | None = None
-    downstream_context: int | None = None
-    search_windows: int = 32
-    units: str = "piece"
+    run: list[str] | None = option(
+        None,
+        "one or several trained run folders of one configuration (e.g. three seeds): policy, reference and joint "
+        "reconstructors, corpus; several are evaluated on the same windows and pooled",
+    )
+    reconstructor: str | None = option(None, "baselines-only mode without a run: a reconstructor directory or preset ('tiny')")
+    data: str | None = option(
+        None,
+        "a plain text file (or folder of them) to evaluate on; default: the held-out split of the run's corpus, or of "
+        "the reconstructor's training corpus",
+    )
+    split: str = option(
+        "test",
+        "held-out split used when 'data' is not given: 'validation' for every choice (configs, steps, rates), 'test' "
+        "only to report a final configuration",
+    )
+    mask_rates: list[float] = option_factory(lambda: [0.2, 0.4, 0.6, 0.8], "requested mask rates (a repeated rate is evaluated once)")
+    methods: list[str] | None = option(
+        None,
+        "methods to evaluate (default: all but 'search'; 'policy' needs 'run'; 'search' is the slow bound and runs only when named)",
+    )
+    max_windows: int | None = option(128, "windows evaluated, evenly spread over the data ('None': all)")
+    seq_len: int | None = option(None, "tokens per window (default: the run's, or the reconstructor's training window)")
+    out: str = option("eval", "output folder")
+    seed: int = option(0, "seed of the random baselines, tie-breaking and the bootstrap")
+    bootstrap: int = option(1000, "bootstrap replicates of the 95% intervals")
+    batch_size: int = option(64, "windows per reconstructor forward pass")
+    segment_len: int = option(16, "segment length of 'iterative_self_information'")
+    device: str = option("auto", "'auto', 'cpu', 'cuda' or 'mps'")
+    title: str = option("", "title of the table and plot (default: the data's name)")
+    continuation_tokens: int = option(32, "tokens after each window scored by the downstream LM (0: no downstream reading)")
+    downstream_lm: str | None = option(
+        None,
+        "the downstream causal LM: a local directory or hub name (default: the run's reference reconstructor read as a "
+        "plain causal LM; in baselines-only mode, the given reconstructor)",
+    )
+    downstream_context: int | None = option(
+        None,
+        "most recent context tokens the downstream LM reads before the continuation (default: the window length it was "
+        "trained on less 'continuation_tokens', e.g. 96 for the 'tiny' preset's 128-token windows; without build facts,"
+        " its whole context less the continuation)",
+    )
+    search_windows: int = option(
+        32,
+        "windows the 'search' bound runs on (spread over the evaluated ones); about 'm * k' window forward passes each "
+        "(minutes per 128-token window on a CPU)",
+    )
+    units: str = option(
+        "piece",
+        "what every method drops or keeps together: 'piece' (whole characters) or 'word' (whole words); with words the "
+        "achieved rate can differ from the requested one by part of a word",
+    )
 
     def validate(self) -> None:
         """Reject inconsistent values with a message that says what to change."""

@@ -18,6 +18,7 @@ from typing import Any
 from experiments.config import cli_main, parse_config
 from tokencompress_env.data import EMBEDDED, CorpusSpec, count_tokens, load_documents, prepare_corpus, split_documents
 from tokencompress_env.errors import ConfigError
+from tokencompress_env.options import option
 from tokencompress_env.presets import load_or_build
 
 
@@ -25,28 +26,19 @@ from tokencompress_env.presets import load_or_build
 class PrepareDataConfig:
     """Options of ``experiments.prepare_data``.
 
-    :param dataset_name: corpus source: ``embedded``, a local .txt file or folder, or a hub dataset name
-    :param dataset_config: hub dataset configuration (e.g. ``wikitext-2-raw-v1``)
-    :param reconstructor: reconstructor whose tokenizer cuts the windows (preset, directory or hub name)
-    :param max_length: tokens per window (``seq_len``)
-    :param max_sequences: keep at most this many windows per split (``None``: all)
-    :param val_fraction: fraction of documents held out for validation
-    :param test_fraction: fraction of documents held out for test
-    :param split_seed: seed of the document split
-    :param output_dir: cache folder for the prepared windows (``None``: the tokencompress cache)
-    :param num_proc: processes for tokenisation (``None``: one)
+    Each option is documented at its field (``--help`` prints the docs).
     """
 
-    dataset_name: str = EMBEDDED
-    dataset_config: str | None = None
-    reconstructor: str = "tiny"
-    max_length: int = 128
-    max_sequences: int | None = None
-    val_fraction: float = 0.05
-    test_fraction: float = 0.05
-    split_seed: int = 0
-    output_dir: str | None = None
-    num_proc: int | None = None
+    dataset_name: str = option(EMBEDDED, "corpus source: 'embedded', a local .txt file or folder, or a hub dataset name")
+    dataset_config: str | None = option(None, "hub dataset configuration (e.g. 'wikitext-2-raw-v1')")
+    reconstructor: str = option("tiny", "reconstructor whose tokenizer cuts the windows (preset, directory or hub name)")
+    max_length: int = option(128, "tokens per window ('seq_len')")
+    max_sequences: int | None = option(None, "keep at most this many windows per split ('None': all)")
+    val_fraction: float = option(0.05, "fraction of documents held out for validation")
+    test_fraction: float = option(0.05, "fraction of documents held out for test")
+    split_seed: int = option(0, "seed of the document split")
+    output_dir: str | None = option(None, "cache folder for the prepared windows ('None': the tokencompress cache)")
+    num_proc: int | None = option(None, "processes for tokenisation ('None': one)")
 
     def validate(self) -> None:
         """Reject out-of-range values."""

@@ -20,7 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from experiments.config import build_config, cli_main, load_config_file, parse_c
 from experiments.evaluate import EvaluateConfig, run_evaluation
 from experiments.train_ppo import TrainConfig, train
 from tokencompress_env.baselines import BASELINE_NAMES
+from tokencompress_env.options import option, option_factory
 from tokencompress_env.presets import load_or_build
 from tokencompress_env.run_folder import has_checkpoint, is_finished_run
 
@@ -38,26 +39,21 @@ ROOT = Path(__file__).resolve().parent
 class QuickstartConfig:
     """Options of ``experiments.quickstart``.
 
-    :param run_name: run folder name under ``runs_dir``
-    :param runs_dir: parent folder of runs
-    :param train_config: JSON config of the training stage
-    :param mask_rates: requested mask rates of the evaluation
-    :param max_windows: held-out windows evaluated per data set
-    :param methods: methods evaluated (``greedy_threshold`` is left out by default: minutes on a CPU)
-    :param data: an extra plain-text file to evaluate on (e.g. ``../shared/data/wikitext2-valid.txt``)
-    :param device: ``auto``, ``cpu``, ``cuda`` or ``mps``
-    :param progress_bar: show progress bars
+    Each option is documented at its field (``--help`` prints the docs).
     """
 
-    run_name: str = "quickstart"
-    runs_dir: str = "runs"
-    train_config: str = str(ROOT / "configs" / "dev" / "small_scale.json")
-    mask_rates: list[float] = field(default_factory=lambda: [0.2, 0.4, 0.6, 0.8])
-    max_windows: int = 128
-    methods: list[str] = field(default_factory=lambda: ["policy", *[m for m in BASELINE_NAMES if m != "greedy_threshold"]])
-    data: str | None = None
-    device: str = "auto"
-    progress_bar: bool = True
+    run_name: str = option("quickstart", "run folder name under 'runs_dir'")
+    runs_dir: str = option("runs", "parent folder of runs")
+    train_config: str = option(str(ROOT / "configs" / "dev" / "small_scale.json"), "JSON config of the training stage")
+    mask_rates: list[float] = option_factory(lambda: [0.2, 0.4, 0.6, 0.8], "requested mask rates of the evaluation")
+    max_windows: int = option(128, "held-out windows evaluated per data set")
+    methods: list[str] = option_factory(
+        lambda: ["policy", *[m for m in BASELINE_NAMES if m != "greedy_threshold"]],
+        "methods evaluated ('greedy_threshold' is left out by default: minutes on a CPU)",
+    )
+    data: str | None = option(None, "an extra plain-text file to evaluate on (e.g. '../shared/data/wikitext2-valid.txt')")
+    device: str = option("auto", "'auto', 'cpu', 'cuda' or 'mps'")
+    progress_bar: bool = option(True, "show progress bars")
 
 
 def _stage(title: str, started: float) -> None:

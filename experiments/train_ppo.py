@@ -58,7 +58,9 @@ from callbacks.checkpoint import (
 from callbacks.joint_training import ReconstructorFinetuneCallback
 from callbacks.metrics import CompressionMetricsCallback
 from experiments.config import build_config, check_output_dir, cli_main, config_fields, parse_config_values
+from tokencompress_env.env_config import EnvConfig
 from tokencompress_env.errors import CheckpointError, ConfigError, ReconstructorLoadError, TokenCompressError
+from tokencompress_env.options import option, option_of
 from tokencompress_env.presets import load_or_build
 from tokencompress_env.reconstructor import SCORING_DTYPES, Reconstructor, parse_device, resolve_device
 from tokencompress_env.run_folder import (
@@ -94,6 +96,22 @@ POSITIVE_INTS = (
     "reconstructor_grad_accum",
     "joint_interval",
 )
+#: Options of a run that configure its environment (declared by :class:`EnvConfig`, whose defaults and docs they take).
+ENV_OPTIONS = (
+    "corpus",
+    "reconstructor",
+    "seq_len",
+    "chunk_size",
+    "reward_type",
+    "mask_rate_min",
+    "mask_rate_max",
+    "bits_saved_per_mask",
+    "rate_penalty",
+    "observe_surprisal",
+    "keep_digits",
+    "units",
+    "scoring_dtype",
+)
 #: Options a resumed run may change; every other option comes from the run's ``config.json``.
 RESUME_MAY_CHANGE = (
     "run_name",
@@ -115,121 +133,91 @@ RESUME_MAY_CHANGE = (
 class TrainConfig:
     """Options of ``experiments.train_ppo`` (every key may be set in the JSON config or on the command line).
 
-    :param run_name: name of the run folder
-    :param runs_dir: parent folder of runs
-    :param algo: ``ppo``, ``a2c``, ``trpo``, ``maskable_ppo``, ``recurrent_ppo`` or ``token_ppo`` (PPO with
-        per-token advantages, :mod:`agents.token_ppo`)
-    :param n_envs: windows scored together (one batched reconstructor forward per step)
-    :param seed: random seed (agent, env, reconstructor fine-tuning)
-    :param device: ``auto``, ``cpu``, ``cuda`` or ``mps`` (agent and reconstructor)
-    :param total_timesteps: environment steps to train for (summed over envs; one step decides ``chunk_size`` tokens);
-        0 trains no reinforcement learning (the distillation warm start alone)
-    :param corpus: corpus source (``embedded``, a path, or a hub dataset)
-    :param reconstructor: starting reconstructor: preset (``tiny``), directory, or hub name
-    :param seq_len: tokens per window
-    :param chunk_size: tokens decided per step
-    :param reward_type: ``info_theoretic`` or ``simple``
-    :param mask_rate_min: lowest per-episode target mask rate
-    :param mask_rate_max: highest per-episode target mask rate
-    :param bits_saved_per_mask: price of a dropped token in bits (info-theoretic reward)
-    :param rate_penalty: cost per token of deviation from the target (``None``: twice the price)
-    :param observe_surprisal: give the policy the reconstructor's surprisal of the original tokens
-    :param keep_digits: force-keep tokens with digits
-    :param units: what the policy drops or keeps together: ``piece`` (whole characters) or ``word`` (whole words)
-    :param scoring_dtype: precision of the env's reconstructor forward passes: ``auto`` (bfloat16 where the hardware
-        multiplies it natively: CUDA, or a CPU with AMX; float32 elsewhere), ``float32``, ``bfloat16`` or ``float16``.
-        The reconstructor's weights, its fine-tuning and the evaluation stay float32.
-    :param policy_lr: learning rate of the agent
-    :param n_steps: steps per env per rollout
-    :param batch_size: PPO minibatch size
-    :param n_epochs: PPO epochs per rollout
-    :param gamma: discount factor
-    :param gae_lambda: GAE lambda
-    :param ent_coef: entropy bonus
-    :param clip_range: PPO clip range
-    :param embed_dim: width of the policy's token embedding
-    :param use_decisions: let the policy see the decisions made so far; ``False`` (default) makes it a
-        one-pass ranker whose whole-window logits (used by ``compress()`` and the evaluation) are exactly
-        those it acted on in training
-    :param use_copy_features: give the policy the copy features of each token (does it repeat a token, bigram or
-        trigram seen earlier in the window: what a causal reconstructor can copy)
-    :param init_policy: a finished run folder whose policy (``policy.safetensors`` + ``policy.json``) initialises
-        this run's policy before distillation and RL, e.g. a ``total_timesteps 0`` (distillation-only) run; a
-        head this run's algorithm adds (``token_ppo``'s per-token critic) starts fresh
-    :param distill_steps: steps of policy warm start by distillation from the reconstructor before RL (0: none)
-    :param distill_batch_size: windows per distillation step
-    :param distill_lr: learning rate of the distillation
-    :param distill_target: ``rank`` (learn the labels of the cheapest tokens at the window's rate) or ``cost``
-        (regress each token's surprisal given a compressed context)
-    :param distill_save_freq: distillation steps between checkpoints (0: only at the end of distillation and on Ctrl-C)
-    :param joint_training: fine-tune the reconstructor between rollouts
-    :param reconstructor_lr: learning rate of the reconstructor fine-tuning
-    :param reconstructor_steps: optimizer steps per fine-tuning round
-    :param reconstructor_batch_size: windows per fine-tuning micro-batch
-    :param reconstructor_grad_accum: micro-batches per fine-tuning step (gradient accumulation)
-    :param joint_interval: fine-tune every this many rollouts
-    :param random_mask_fraction: fraction of fine-tuning windows under random masks (against forgetting)
-    :param save_freq: environment steps between checkpoints (0: only at the end)
-    :param tensorboard: write TensorBoard events to ``<run>/tb``
-    :param progress_bar: show SB3's progress bar
-    :param resume: continue from ``<run>/checkpoints/latest``; the run's own ``config.json`` supplies every
-        option not given (only the options of :data:`RESUME_MAY_CHANGE` may differ from it)
-    :param trust_agent_pickle: resume even when the checkpoint's ``agent.zip`` (a pickle, which can run code
-        when loaded) has no recorded SHA-256 (older versions) or another one; only for runs you made yourself.
-        Never saved in ``config.json``
-    :param verbose: SB3 verbosity
+    Each option is documented at its field (``--help`` prints the docs).
     """
 
-    run_name: str = "debug"
-    runs_dir: str = "runs"
-    algo: str = "ppo"
-    n_envs: int = 16
-    seed: int = 0
-    device: str = "auto"
-    total_timesteps: int = 20_000
-    corpus: str = "embedded"
-    reconstructor: str = "tiny"
-    seq_len: int = 128
-    chunk_size: int = 16
-    reward_type: str = "info_theoretic"
-    mask_rate_min: float = 0.2
-    mask_rate_max: float = 0.8
-    bits_saved_per_mask: float = 8.0
-    rate_penalty: float | None = None
-    observe_surprisal: bool = False
-    keep_digits: bool = False
-    units: str = "piece"
-    scoring_dtype: str = "auto"
-    policy_lr: float = 3e-4
-    n_steps: int = 32
-    batch_size: int = 128
-    n_epochs: int = 4
-    gamma: float = 1.0
-    gae_lambda: float = 0.95
-    ent_coef: float = 0.0
-    clip_range: float = 0.2
-    embed_dim: int = 192
-    use_decisions: bool = False
-    use_copy_features: bool = False
-    init_policy: str | None = None
-    distill_steps: int = 0
-    distill_batch_size: int = 32
-    distill_lr: float = 1e-3
-    distill_target: str = "rank"
-    distill_save_freq: int = 100
-    joint_training: bool = True
-    reconstructor_lr: float = 5e-5
-    reconstructor_steps: int = 4
-    reconstructor_batch_size: int = 16
-    reconstructor_grad_accum: int = 1
-    joint_interval: int = 1
-    random_mask_fraction: float = 0.25
-    save_freq: int = 10_000
-    tensorboard: bool = True
-    progress_bar: bool = True
-    resume: bool = False
-    trust_agent_pickle: bool = False
-    verbose: int = 0
+    run_name: str = option("debug", "name of the run folder")
+    runs_dir: str = option("runs", "parent folder of runs")
+    algo: str = option(
+        "ppo",
+        "'ppo', 'a2c', 'trpo', 'maskable_ppo', 'recurrent_ppo' or 'token_ppo' (PPO with per-token advantages, agents.token_ppo)",
+    )
+    n_envs: int = option(16, "windows scored together (one batched reconstructor forward per step)")
+    seed: int = option(0, "random seed (agent, env, reconstructor fine-tuning)")
+    device: str = option("auto", "'auto', 'cpu', 'cuda' or 'mps' (agent and reconstructor)")
+    total_timesteps: int = option(
+        20_000,
+        "environment steps to train for (summed over envs; one step decides 'chunk_size' tokens); 0 trains no "
+        "reinforcement learning (the distillation warm start alone)",
+    )
+    corpus: str = option_of(EnvConfig, "corpus")
+    reconstructor: str = option_of(EnvConfig, "reconstructor")
+    seq_len: int = option_of(EnvConfig, "seq_len")
+    chunk_size: int = option_of(EnvConfig, "chunk_size")
+    reward_type: str = option_of(EnvConfig, "reward_type")
+    mask_rate_min: float = option_of(EnvConfig, "mask_rate_min")
+    mask_rate_max: float = option_of(EnvConfig, "mask_rate_max")
+    bits_saved_per_mask: float = option_of(EnvConfig, "bits_saved_per_mask")
+    rate_penalty: float | None = option_of(EnvConfig, "rate_penalty")
+    observe_surprisal: bool = option_of(EnvConfig, "observe_surprisal")
+    keep_digits: bool = option_of(EnvConfig, "keep_digits")
+    units: str = option_of(EnvConfig, "units")
+    scoring_dtype: str = option_of(EnvConfig, "scoring_dtype")
+    policy_lr: float = option(3e-4, "learning rate of the agent")
+    n_steps: int = option(32, "steps per env per rollout")
+    batch_size: int = option(128, "PPO minibatch size")
+    n_epochs: int = option(4, "PPO epochs per rollout")
+    gamma: float = option(1.0, "discount factor")
+    gae_lambda: float = option(0.95, "GAE lambda")
+    ent_coef: float = option(0.0, "entropy bonus")
+    clip_range: float = option(0.2, "PPO clip range")
+    embed_dim: int = option(192, "width of the policy's token embedding")
+    use_decisions: bool = option(
+        False,
+        "let the policy see the decisions made so far; 'False' (default) makes it a one-pass ranker whose whole-window "
+        "logits (used by 'compress()' and the evaluation) are exactly those it acted on in training",
+    )
+    use_copy_features: bool = option(
+        False,
+        "give the policy the copy features of each token (does it repeat a token, bigram or trigram seen earlier in the"
+        " window: what a causal reconstructor can copy)",
+    )
+    init_policy: str | None = option(
+        None,
+        "a finished run folder whose policy ('policy.safetensors' + 'policy.json') initialises this run's policy before"
+        " distillation and RL, e.g. a 'total_timesteps 0' (distillation-only) run; a head this run's algorithm adds "
+        "(token_ppo's per-token critic) starts fresh",
+    )
+    distill_steps: int = option(0, "steps of policy warm start by distillation from the reconstructor before RL (0: none)")
+    distill_batch_size: int = option(32, "windows per distillation step")
+    distill_lr: float = option(1e-3, "learning rate of the distillation")
+    distill_target: str = option(
+        "rank",
+        "'rank' (learn the labels of the cheapest tokens at the window's rate) or 'cost' (regress each token's "
+        "surprisal given a compressed context)",
+    )
+    distill_save_freq: int = option(100, "distillation steps between checkpoints (0: only at the end of distillation and on Ctrl-C)")
+    joint_training: bool = option(True, "fine-tune the reconstructor between rollouts")
+    reconstructor_lr: float = option(5e-5, "learning rate of the reconstructor fine-tuning")
+    reconstructor_steps: int = option(4, "optimizer steps per fine-tuning round")
+    reconstructor_batch_size: int = option(16, "windows per fine-tuning micro-batch")
+    reconstructor_grad_accum: int = option(1, "micro-batches per fine-tuning step (gradient accumulation)")
+    joint_interval: int = option(1, "fine-tune every this many rollouts")
+    random_mask_fraction: float = option(0.25, "fraction of fine-tuning windows under random masks (against forgetting)")
+    save_freq: int = option(10_000, "environment steps between checkpoints (0: only at the end)")
+    tensorboard: bool = option(True, "write TensorBoard events to '<run>/tb'")
+    progress_bar: bool = option(True, "show SB3's progress bar")
+    resume: bool = option(
+        False,
+        "continue from '<run>/checkpoints/latest'; the run's own 'config.json' supplies every option not given (only "
+        "the options of RESUME_MAY_CHANGE may differ from it)",
+    )
+    trust_agent_pickle: bool = option(
+        False,
+        "resume even when the checkpoint's 'agent.zip' (a pickle, which can run code when loaded) has no recorded "
+        "SHA-256 (older versions) or another one; only for runs you made yourself. Never saved in 'config.json'",
+    )
+    verbose: int = option(0, "SB3 verbosity")
 
     def validate(self) -> None:
         """Reject inconsistent values with a message that says what to change."""
@@ -267,6 +255,14 @@ class TrainConfig:
         parse_device(self.device)  # whether this machine has it: checked when the run starts (train)
         check_output_dir(self.runs_dir, "runs_dir")
         check_output_dir(self.run_dir, "run_name")
+
+    def env_config(self, split: str = "train") -> EnvConfig:
+        """The environment options of this run (the fields it shares with :class:`EnvConfig`, :data:`ENV_OPTIONS`).
+
+        :param split: corpus split
+        :return: the env config
+        """
+        return EnvConfig(split=split, **{name: getattr(self, name) for name in ENV_OPTIONS})
 
     @property
     def run_dir(self) -> Path:
@@ -310,22 +306,7 @@ def make_training_env(config: TrainConfig, reconstructor: Reconstructor, split: 
     :param split: corpus split
     :return: the environment
     """
-    venv = TokenMaskVectorEnv(
-        num_envs=config.n_envs,
-        corpus=config.corpus,
-        split=split,
-        reconstructor=reconstructor,
-        seq_len=config.seq_len,
-        chunk_size=config.chunk_size,
-        reward_type=config.reward_type,
-        mask_rate_range=(config.mask_rate_min, config.mask_rate_max),
-        bits_saved_per_mask=config.bits_saved_per_mask,
-        rate_penalty=config.rate_penalty,
-        observe_surprisal=config.observe_surprisal,
-        keep_digits=config.keep_digits,
-        scoring_dtype=config.scoring_dtype,
-        units=config.units,
-    )
+    venv = TokenMaskVectorEnv(config.n_envs, config.env_config(split), reconstructor=reconstructor)
     env = TokenMaskSB3VecEnv(venv)
     env.seed(config.seed)
     return VecMonitor(env)
@@ -530,7 +511,8 @@ def _distill(
             learning_rate=config.distill_lr,
             target=config.distill_target,
             scoring_dtype=config.scoring_dtype,
-            rate_range=(config.mask_rate_min, config.mask_rate_max),
+            mask_rate_min=config.mask_rate_min,
+            mask_rate_max=config.mask_rate_max,
             observe_surprisal=config.observe_surprisal,
             seed=config.seed,
             progress=config.progress_bar,

@@ -19,6 +19,7 @@ from tokencompress_env.baselines import (
     mask_budget,
     maskable_positions,
     policy_method,
+    rate_budget,
     segment_budgets,
     stride_priority,
     token_char_lengths,
@@ -101,7 +102,7 @@ def test_rate_is_exact_with_padding_and_force_keep(name: str, context: MethodCon
     for rate in (0.0, 0.3, 0.5, 0.8, 1.0):
         masks = method(ids, rate, context, valid=valid, force_keep=force_keep)
         assert masks.shape == ids.shape and masks.dtype == bool
-        assert (masks.sum(1) == mask_budget(rate, maskable)).all(), (name, rate)
+        assert (masks.sum(1) == rate_budget(rate, valid, maskable)).all(), (name, rate)
         assert not (masks & ~valid).any() and not (masks & force_keep).any()
     plain = method(windows, 0.4, context)
     assert (plain.sum(1) == round(0.4 * windows.shape[1])).all()
@@ -256,7 +257,7 @@ def test_policy_seam_ranks_logits_under_the_budget(context: MethodContext, padde
     logits = np.random.default_rng(0).normal(size=ids.shape)
     masks = logits_to_mask(logits, 0.6, valid, force_keep)
     maskable = maskable_positions(ids, valid, force_keep)
-    assert (masks.sum(1) == mask_budget(0.6, maskable)).all() and not (masks & ~maskable).any()
+    assert (masks.sum(1) == rate_budget(0.6, valid, maskable)).all() and not (masks & ~maskable).any()
     for row in range(len(ids)):
         assert logits[row][masks[row]].min() >= logits[row][maskable[row] & ~masks[row]].max()
     method = policy_method(lambda x, v, r: np.where(v, logits, -1e9))

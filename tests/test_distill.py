@@ -11,7 +11,7 @@ import torch as th
 
 from agents.distill import cheapest_tokens, distill_policy
 from agents.policy import TokenActorCriticPolicy
-from tokencompress_env.env import make_spaces
+from tokencompress_env.observation import make_spaces
 
 SEQ_LEN, VOCAB, A, B = 32, 64, 1, 2
 
@@ -27,8 +27,9 @@ def one_torch_thread() -> Any:
 def test_cheapest_tokens_labels_the_lowest_surprisal_maskable_tokens() -> None:
     surprisal = th.tensor([[5.0, 1.0, 3.0, 0.5, 2.0, 9.0], [1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
     maskable = th.tensor([[True, True, True, False, True, True], [True, True, True, True, True, True]])
-    labels = cheapest_tokens(surprisal, maskable, th.tensor([0.4, 0.5]))
-    # row 0: 5 maskable, budget round(0.4 * 5) = 2: the 1.0 and the 2.0 (the 0.5 is not maskable)
+    valid = th.ones_like(maskable)
+    labels = cheapest_tokens(surprisal, valid, maskable, th.tensor([0.4, 0.5]))
+    # row 0: 6 real tokens, budget round(0.4 * 6) = 2: the 1.0 and the 2.0 (the 0.5 is not maskable)
     assert labels[0].tolist() == [0, 1, 0, 0, 1, 0]
     assert labels[1].tolist() == [1, 1, 1, 0, 0, 0]
 
@@ -104,7 +105,8 @@ def test_distillation_learns_to_drop_a_planted_predictable_token_first(target: s
         steps=150,
         batch_size=16,
         learning_rate=3e-3,
-        rate_range=(0.05, 0.15),
+        mask_rate_min=0.05,
+        mask_rate_max=0.15,
         target=target,
         progress=False,
     )
@@ -170,7 +172,8 @@ def test_distillation_labels_are_the_cheapest_tokens_and_agreement_rises(monkeyp
         steps=120,
         batch_size=16,
         learning_rate=3e-3,
-        rate_range=(low, high),
+        mask_rate_min=low,
+        mask_rate_max=high,
         progress=False,
         logger=recorder,
     )
@@ -180,9 +183,10 @@ def test_distillation_labels_are_the_cheapest_tokens_and_agreement_rises(monkeyp
         for row, cost, maskable in zip(labels > 0, surprisal, real, strict=True):
             maskable = maskable.clone()
             maskable[5] = False  # force-kept
-            n, k = int(maskable.sum()), int(row.sum())
+            n, k, n_real = int(maskable.sum()), int(row.sum()), int(real.sum())
             assert not row[~maskable].any()  # never a force-kept or padding token
-            assert np.floor(low * n + 0.5) <= k <= np.floor(high * n + 0.5)  # the budget of a rate in the range
+            # the budget of a rate in the range, over the real tokens (baselines.rate_budget)
+            assert min(np.floor(low * n_real + 0.5), n) <= k <= min(np.floor(high * n_real + 0.5), n)
             if 0 < k < n:
                 assert cost[row].max() < cost[maskable & ~row].min()  # the k cheapest, no others
     agreement = recorder.scalars["distill/label_agreement"]

@@ -21,8 +21,9 @@ from hypothesis import strategies as st
 
 import tokencompress_env
 from tests.conftest import TEST_SEQ_LEN
-from tokencompress_env.env import KEPT, MASKED, TokenMaskEnv
+from tokencompress_env.env import TokenMaskEnv
 from tokencompress_env.errors import ConfigError, InputError, TokenCompressError
+from tokencompress_env.observation import Decision
 from tokencompress_env.reconstructor import Reconstructor
 from tokencompress_env.registration import ENV_ID, register_envs
 
@@ -177,8 +178,8 @@ def test_episode_length_decisions_and_info(env: TokenMaskEnv) -> None:
         assert not truncated
         assert obs["position"][0] == steps * CHUNK
     assert steps == TEST_SEQ_LEN // CHUNK
-    dropped = obs["decisions"] == MASKED
-    assert ((obs["decisions"] == KEPT) | dropped).all()
+    dropped = obs["decisions"] == Decision.MASKED
+    assert ((obs["decisions"] == Decision.KEPT) | dropped).all()
     assert info["n_masked"] == dropped.sum() and info["n_decided"] == TEST_SEQ_LEN
     assert info["mask_rate"] == pytest.approx(dropped.sum() / TEST_SEQ_LEN)
     with pytest.raises(gym.error.ResetNeeded):
@@ -192,7 +193,7 @@ def test_padding_is_kept_and_excluded_from_the_rate(test_reconstructor: Reconstr
     assert obs["valid"].sum() == 40 and info["n_valid"] == 40
     for _ in range(TEST_SEQ_LEN // CHUNK):
         obs, _, _, _, info = env.step(np.ones(CHUNK, dtype=np.int8))
-    assert (obs["decisions"][40:] == KEPT).all() and (obs["decisions"][:40] == MASKED).all()
+    assert (obs["decisions"][40:] == Decision.KEPT).all() and (obs["decisions"][:40] == Decision.MASKED).all()
     assert info["mask_rate"] == 1.0 and info["n_masked"] == 40
     assert (obs["token_ids"][40:] == test_reconstructor.pad_token_id).all()
 
@@ -296,7 +297,7 @@ def test_units_are_dropped_or_kept_whole(test_reconstructor: Reconstructor, unit
             action = (rng.random(CHUNK) < 0.5).astype(np.int8)
             action = np.where(masks[:, 1], np.where(masks[:, 0], action, 1), 0)  # a masked policy obeys action_masks
             obs, _, done, _, _ = env.step(action)
-        dropped = obs["decisions"][: len(ids)] == MASKED
+        dropped = obs["decisions"][: len(ids)] == Decision.MASKED
         for u in np.unique(index):
             assert len(set(dropped[index == u].tolist())) == 1, f"unit {u} split"
         kept = np.asarray(ids)[~dropped]
@@ -459,7 +460,7 @@ def test_force_keep_never_violated_under_random_actions(guarded_env: TokenMaskEn
         np.testing.assert_array_equal(masks[:, 1], ~protected)
         assert masks[:, 0].all()
         obs, _, terminated, _, info = guarded_env.step((rng.random(CHUNK) < p_drop).astype(np.int8))
-        dropped = obs["decisions"] == MASKED
+        dropped = obs["decisions"] == Decision.MASKED
         assert not (dropped & ((obs["force_keep"] == 1) | (obs["valid"] == 0))).any()
         assert info["n_masked"] == dropped.sum()
     assert info["n_decided"] == obs["valid"].sum()

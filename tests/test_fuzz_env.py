@@ -24,8 +24,9 @@ from hypothesis import strategies as st
 from experiments.train_ppo import TrainConfig, train
 from tokencompress_env.baselines import mask_budget
 from tokencompress_env.compressor import CompressionResult, Compressor, window_bounds
-from tokencompress_env.env import KEPT, MASKED, UNDECIDED, TokenMaskEnv
+from tokencompress_env.env import TokenMaskEnv
 from tokencompress_env.errors import InputError
+from tokencompress_env.observation import Decision
 from tokencompress_env.reconstructor import Reconstructor
 from tokencompress_env.units import unit_heads, unit_index, unit_starts
 
@@ -93,23 +94,25 @@ def test_env_fuzz(test_reconstructor: Reconstructor, data: st.DataObject) -> Non
         assert terminated == (step == steps - 1)
         decisions = obs["decisions"]
         decided = slice(0, (step + 1) * chunk_size)
-        assert (decisions[decided] != UNDECIDED).all() and (decisions[(step + 1) * chunk_size :] == UNDECIDED).all()
-        assert not (decisions[keep] == MASKED).any(), "a force-kept token was dropped"
-        assert not (decisions[~valid] == MASKED).any(), "padding was dropped"
+        assert (decisions[decided] != Decision.UNDECIDED).all() and (decisions[(step + 1) * chunk_size :] == Decision.UNDECIDED).all()
+        assert not (decisions[keep] == Decision.MASKED).any(), "a force-kept token was dropped"
+        assert not (decisions[~valid] == Decision.MASKED).any(), "padding was dropped"
         chunk = slice(step * chunk_size, (step + 1) * chunk_size)
         droppable = valid[chunk] & ~keep[chunk]
         # A token follows the decision of its unit's first token (whole characters: units="piece").
         heads = unit_heads(unit_starts(obs["token_ids"], valid, test_reconstructor.tokenizer, "piece")[None])[0][chunk]
         start = step * chunk_size
-        follows = np.where(heads >= start, action[np.clip(heads - start, 0, chunk_size - 1)].astype(bool), decisions[heads] == MASKED)
-        assert ((decisions[chunk] == MASKED) == (follows & droppable)).all()
-        n_masked = int((decisions[valid] == MASKED).sum())
+        follows = np.where(
+            heads >= start, action[np.clip(heads - start, 0, chunk_size - 1)].astype(bool), decisions[heads] == Decision.MASKED
+        )
+        assert ((decisions[chunk] == Decision.MASKED) == (follows & droppable)).all()
+        n_masked = int((decisions[valid] == Decision.MASKED).sum())
         assert info["n_masked"] == n_masked
         assert math.isfinite(info["masked_bits_total"]) and info["masked_bits_total"] >= 0
         n_decided = int(valid[decided].sum())
         assert info["n_decided"] == n_decided
         assert info["mask_rate"] == pytest.approx(n_masked / n_decided if n_decided else 0.0)
-    assert set(np.unique(obs["decisions"])) <= {KEPT, MASKED}
+    assert set(np.unique(obs["decisions"])) <= {Decision.KEPT, Decision.MASKED}
 
 
 # ---------------------------------------------------------------------------------------------- compress()

@@ -1221,7 +1221,7 @@ def test_policy_artifact_round_trips_to_identical_logits(algo: str, observe_surp
 
     from agents.algorithms import get_algorithm
     from agents.artifact import load_policy_artifact, save_policy_artifact
-    from tokencompress_env.env import make_spaces
+    from tokencompress_env.observation import make_spaces
 
     obs_space, action_space = make_spaces(32, 8, 300, observe_surprisal)
     torch.manual_seed(0)

@@ -19,6 +19,7 @@ _LAZY = {
     "TokenMaskVectorEnv": "tokencompress_env.vector_env",
     "TokenMaskSB3VecEnv": "tokencompress_env.sb3_vec_env",
     "RewardConfig": "tokencompress_env.reward",
+    "EnvConfig": "tokencompress_env.env_config",
     "Compressor": "tokencompress_env.compressor",
     "CompressionResult": "tokencompress_env.compressor",
 }
@@ -39,6 +40,7 @@ __all__ = [
     "ENV_ID",
     "CompressionResult",
     "Compressor",
+    "EnvConfig",
     "Reconstructor",
     "RewardConfig",
     "ScoreResult",

@@ -4,9 +4,11 @@ All methods share one signature (:class:`MaskMethod`)::
 
     masks = method(input_ids, rate, context, valid=None, force_keep=None)   # [N, L] bool, True = drop
 
-and one rate rule (:func:`mask_budget`): a window with ``m`` *maskable* positions (real, i.e. ``valid``,
-and not ``force_keep``) drops exactly ``round_half_up(rate * m)`` of them, never a padding or force-kept
-position. Each method only computes a *priority* per token (higher = drop first); the shared helper
+and one rate rule (:func:`rate_budget`, the project's only one): a window with ``n`` real (``valid``)
+tokens of which ``m`` are *maskable* (real and not ``force_keep``) drops exactly
+``min(round_half_up(rate * n), m)`` of them, never a padding or force-kept position. The mask rate is the
+fraction of the window's real tokens removed, as TokenMask-v0's reward counts it. Each method only
+computes a *priority* per token (higher = drop first); the shared helper
 :func:`budget_mask` turns priorities into the exact-budget mask by ranking, the way LLMLingua-2 keeps the
 top-k tokens of its classifier. The learned policy plugs in through the same helper
 (:func:`logits_to_mask`, :func:`policy_method`): its per-token mask logits are ranked under the budget.
@@ -16,7 +18,7 @@ Units: with ``context.units`` set (``"piece"``: whole characters, ``"word"``: wh
 mean priority of their tokens (:func:`budget_mask` with ``units``); the two that decide token by token
 (``iterative_self_information``, ``greedy_oracle``) have their mask turned into whole units afterwards
 (:func:`units_of_mask`). A unit of several tokens may not fit the budget exactly, so the achieved rate can
-differ from ``round(rate * m) / m`` by part of a unit: the evaluation reports the achieved rate.
+differ from ``rate_budget / n`` by part of a unit: the evaluation reports the achieved rate.
 
 Methods (the keys of :data:`BASELINES`):
 
@@ -162,7 +164,7 @@ class MaskMethod(Protocol):
         :param context: models and statistics the method may use
         :param valid: ``[N, L]`` real (non-padding) positions (``None``: all)
         :param force_keep: ``[N, L]`` positions that must be kept (``None``: none)
-        :return: ``[N, L]`` bool, ``True`` = dropped; exactly :func:`mask_budget` drops per row
+        :return: ``[N, L]`` bool, ``True`` = dropped; exactly :func:`rate_budget` drops per row
         """
         ...
 
@@ -190,22 +192,41 @@ def maskable_positions(input_ids: np.ndarray, valid: np.ndarray | None = None, f
     return maskable
 
 
-def mask_budget(rate: float, maskable: np.ndarray) -> np.ndarray:
-    """Tokens to drop per window: ``round_half_up(rate * m)`` for ``m`` maskable positions.
+def mask_budget(rate: float | np.ndarray, counts: np.ndarray) -> np.ndarray:
+    """The rounding step of :func:`rate_budget`: ``round_half_up(rate * n)`` for ``n`` tokens per window.
 
     Half-up rounding (``0.5 -> 1``) with a tolerance of ``1e-9`` against float error, so ``0.3 * 10``
     gives 3 and ``0.25 * 10`` gives 3.
 
-    :param rate: mask rate in ``[0, 1]``
-    :param maskable: ``[N, L]`` bool, or ``[N]`` counts of maskable positions
+    :param rate: mask rate in ``[0, 1]``, one for all windows or ``[N]`` per window
+    :param counts: ``[N, L]`` bool (the ``True`` positions are counted), or ``[N]`` counts
     :return: ``[N]`` int64 budgets
     """
-    rate = float(rate)
-    if not 0.0 <= rate <= 1.0 or np.isnan(rate):
+    rates = np.asarray(rate, dtype=np.float64)
+    if np.isnan(rates).any() or not ((rates >= 0.0) & (rates <= 1.0)).all():
         raise InputError(f"mask rate must be in [0, 1], got {rate}")
-    counts = np.asarray(maskable)
-    counts = counts.sum(axis=1) if counts.ndim == 2 else counts
-    return np.floor(rate * counts.astype(np.float64) + 0.5 + 1e-9).astype(np.int64).clip(0, counts)
+    n = np.asarray(counts)
+    n = n.sum(axis=1) if n.ndim == 2 else n
+    return np.floor(rates * n.astype(np.float64) + 0.5 + 1e-9).astype(np.int64).clip(0, n)
+
+
+def rate_budget(rate: float | np.ndarray, valid: np.ndarray | None, maskable: np.ndarray) -> np.ndarray:
+    """Tokens to drop per window at a mask rate: the project's one rate rule.
+
+    The mask rate is the fraction of a window's *real* tokens removed (what TokenMask-v0's reward counts:
+    its rate term is zero when ``rate * n`` of the ``n`` real tokens are dropped), so a window with ``n``
+    real tokens of which ``m`` are maskable drops ``min(round_half_up(rate * n), m)``: force-kept tokens
+    count in the denominator, and cap the budget when too many are kept. ``compress()``, every baseline,
+    the search and the distillation labels budget with it.
+
+    :param rate: mask rate in ``[0, 1]``, one for all windows or ``[N]`` per window
+    :param valid: ``[N, L]`` real positions (``None``: every position is real)
+    :param maskable: ``[N, L]`` positions that may be dropped (real and not force-kept)
+    :return: ``[N]`` int64 budgets
+    """
+    maskable = np.asarray(maskable, dtype=bool)
+    real = np.ones(maskable.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+    return np.minimum(mask_budget(rate, real), maskable.sum(axis=1))
 
 
 def budget_mask(
@@ -350,7 +371,7 @@ def logits_to_mask(
     """
     scores = logits.detach().float().cpu().numpy() if isinstance(logits, torch.Tensor) else np.asarray(logits, dtype=np.float64)
     maskable = maskable_positions(scores, valid, force_keep)
-    return budget_mask(scores, mask_budget(rate, maskable), maskable, units=units)
+    return budget_mask(scores, rate_budget(rate, valid, maskable), maskable, units=units)
 
 
 def policy_method(logit_fn: LogitFn) -> MaskMethod:
@@ -412,7 +433,7 @@ def mask_random(
     """
     maskable = maskable_positions(input_ids, valid, force_keep)
     priority = np.random.default_rng(context.seed).random(maskable.shape)
-    return budget_mask(priority, mask_budget(rate, maskable), maskable, units=context.unit_starts(input_ids, valid))
+    return budget_mask(priority, rate_budget(rate, valid, maskable), maskable, units=context.unit_starts(input_ids, valid))
 
 
 def mask_frequency(
@@ -433,7 +454,8 @@ def mask_frequency(
     maskable = maskable_positions(ids, valid, force_keep)
     counts = np.asarray(context.token_counts)
     priority = counts[np.clip(ids, 0, len(counts) - 1)].astype(np.float64)
-    return budget_mask(priority, mask_budget(rate, maskable), maskable, _tiebreak(ids.shape, context.seed), context.unit_starts(ids, valid))
+    budget = rate_budget(rate, valid, maskable)
+    return budget_mask(priority, budget, maskable, _tiebreak(ids.shape, context.seed), context.unit_starts(ids, valid))
 
 
 def mask_length(
@@ -455,7 +477,8 @@ def mask_length(
     maskable = maskable_positions(ids, valid, force_keep)
     lengths = np.asarray(context.token_lengths)
     priority = -lengths[np.clip(ids, 0, len(lengths) - 1)].astype(np.float64)
-    return budget_mask(priority, mask_budget(rate, maskable), maskable, _tiebreak(ids.shape, context.seed), context.unit_starts(ids, valid))
+    budget = rate_budget(rate, valid, maskable)
+    return budget_mask(priority, budget, maskable, _tiebreak(ids.shape, context.seed), context.unit_starts(ids, valid))
 
 
 def stride_priority(maskable: np.ndarray, budget: np.ndarray) -> np.ndarray:
@@ -489,7 +512,7 @@ def mask_stride(
     :return: ``[N, L]`` bool masks
     """
     maskable = maskable_positions(input_ids, valid, force_keep)
-    budget = mask_budget(rate, maskable)
+    budget = rate_budget(rate, valid, maskable)
     return budget_mask(stride_priority(maskable, budget), budget, maskable, units=context.unit_starts(input_ids, valid))
 
 
@@ -560,7 +583,7 @@ def mask_self_information(
     """
     rec = context.require_reconstructor("self_information")
     maskable = maskable_positions(input_ids, valid, force_keep)
-    budget = mask_budget(rate, maskable)
+    budget = rate_budget(rate, valid, maskable)
     if (trivial := _trivial(maskable, budget)) is not None:
         return trivial
     bits = self_information(rec, input_ids, valid, context.batch_size)
@@ -609,7 +632,7 @@ def mask_iterative_self_information(
     valid_np = _valid_or_all(ids, valid)
     maskable = maskable_positions(ids, valid_np, force_keep)
     seg = max(1, int(context.segment_len))
-    budget = mask_budget(rate, maskable)
+    budget = rate_budget(rate, valid_np, maskable)
     if (trivial := _trivial(maskable, budget)) is not None:
         return trivial
     seg_budget = segment_budgets(maskable, budget, seg)
@@ -646,7 +669,7 @@ def mask_greedy_threshold(
     ids = np.asarray(input_ids, dtype=np.int64)
     valid_np = _valid_or_all(ids, valid)
     maskable = maskable_positions(ids, valid_np, force_keep)
-    budget = mask_budget(rate, maskable)
+    budget = rate_budget(rate, valid_np, maskable)
     if (trivial := _trivial(maskable, budget)) is not None:
         return trivial
     prior = self_information(rec, ids, valid_np, context.batch_size)  # u_j: cost estimates of future tokens
@@ -697,7 +720,7 @@ def greedy_search_masks(
     :param reconstructor: the scoring reconstructor
     :param input_ids: ``[N, L]`` token ids
     :param budgets: ``[R, N]`` drops per window for each of ``R`` masks, non-decreasing along ``R``
-        (e.g. :func:`mask_budget` of increasing rates)
+        (e.g. :func:`rate_budget` of increasing rates)
     :param valid: ``[N, L]`` real positions (``None``: all)
     :param force_keep: ``[N, L]`` positions to keep (``None``: none)
     :param batch_size: candidate windows per forward pass
@@ -748,7 +771,7 @@ def mask_search(
     """
     rec = context.require_reconstructor(SEARCH)
     maskable = maskable_positions(input_ids, valid, force_keep)
-    budget = mask_budget(rate, maskable)
+    budget = rate_budget(rate, valid, maskable)
     return greedy_search_masks(rec, input_ids, budget[None], valid, force_keep, max(context.batch_size, 64))[0]
 
 

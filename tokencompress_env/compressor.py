@@ -24,11 +24,12 @@ How a text is compressed:
    (:func:`window_mask_logits`, the one place that turns windows into policy logits; the evaluation uses
    it too, through :func:`agent_logit_fn`).
 4. Exact rate control: in each window of ``n_w`` tokens, the ``min(round_half_up(rate * n_w),
-   maskable)`` maskable tokens with the highest logits are dropped (the ranking step of
+   maskable)`` maskable tokens with the highest logits are dropped (the project's one rate rule,
+   :func:`~tokencompress_env.baselines.rate_budget`, and the ranking step of
    :mod:`tokencompress_env.baselines`, :func:`~tokencompress_env.baselines.budget_mask`, that
    :func:`~tokencompress_env.baselines.logits_to_mask` also uses). The mask rate is the fraction of the
-   text's tokens removed, as in the environment; with no force-kept token in a window this is exactly
-   ``logits_to_mask``. With ``target_tokens=N`` the ``n - N`` drops are spread over the windows in
+   text's tokens removed, as in the environment; this is exactly ``logits_to_mask``. With
+   ``target_tokens=N`` the ``n - N`` drops are spread over the windows in
    proportion to their maskable tokens, so the compressed text has exactly ``N`` tokens whenever the
    force-kept tokens allow it.
 5. Units (:mod:`tokencompress_env.units`): tokens are dropped in whole units, ``"piece"`` (whole
@@ -56,17 +57,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from tokencompress_env.baselines import LogitFn, MaskMethod, budget_mask, mask_budget, segment_budgets
+from tokencompress_env.baselines import LogitFn, MaskMethod, budget_mask, mask_budget, rate_budget, segment_budgets
 from tokencompress_env.env import force_keep_token_table
 from tokencompress_env.errors import CheckpointError, ConfigError, InputError, ReconstructorLoadError
+from tokencompress_env.observation import SURPRISAL, Decision, build_observation
 from tokencompress_env.reconstructor import Reconstructor
 from tokencompress_env.run_folder import load_run
 from tokencompress_env.units import check_units, decode_ids, spread_to_units, unit_starts
 
-#: Observation ``decisions`` codes (TokenMask-v0's ``UNDECIDED``, ``KEPT`` and ``MASKED``).
-_UNDECIDED, _KEPT, _DROPPED = 0, 1, 2
-#: Upper bound of the ``surprisal`` observation in bits (TokenMask-v0's ``MAX_SURPRISAL_BITS``).
-_MAX_SURPRISAL_BITS = 64.0
 #: Default mask rate when neither ``mask_rate`` nor ``target_tokens`` is given.
 DEFAULT_MASK_RATE = 0.4
 #: Default units of :meth:`Compressor.compress` (see :mod:`tokencompress_env.units`). Whole words read better
@@ -142,8 +140,8 @@ def window_mask_logits(
     :param surprisal_reconstructor: the reconstructor whose surprisal the policy observed (required
         when the policy's observation space has ``surprisal``)
     :param batch_size: windows per policy forward pass
-    :param decisions: ``[N, seq_len]`` decisions taken so far (TokenMask-v0's codes: 0 undecided, 1 kept,
-        2 dropped), for a policy that sees its earlier decisions (``use_decisions``); ``None``: nothing decided
+    :param decisions: ``[N, seq_len]`` decisions taken so far (:class:`~tokencompress_env.observation.Decision`), for a
+        policy that sees its earlier decisions (``use_decisions``); ``None``: nothing decided
     :return: ``[N, seq_len]`` float32 mask logits (higher = drop first)
     """
     policy = agent.policy
@@ -155,7 +153,7 @@ def window_mask_logits(
         raise InputError(f"the policy was trained on {seq_len}-token windows, got windows of shape {ids.shape}")
     n = ids.shape[0]
     rates = np.array(np.broadcast_to(np.asarray(rate, dtype=np.float32).reshape(-1), (n,)), dtype=np.float32)
-    observes_surprisal = "surprisal" in keys
+    observes_surprisal = SURPRISAL in keys
     if observes_surprisal and surprisal_reconstructor is None:
         raise InputError("this policy observes the reconstructor's surprisal: pass surprisal_reconstructor")
     device = policy.device
@@ -164,22 +162,12 @@ def window_mask_logits(
     with torch.inference_mode():
         for start in range(0, n, max(1, batch_size)):
             sl = slice(start, min(start + batch_size, n))
-            ids_t = torch.from_numpy(ids[sl]).to(device)
-            valid_t = torch.from_numpy(np.asarray(valid[sl], dtype=bool)).to(device)
-            obs: dict[str, torch.Tensor] = {
-                "token_ids": ids_t,
-                "decisions": torch.full_like(ids_t, _UNDECIDED)
-                if decisions is None
-                else torch.from_numpy(np.asarray(decisions[sl], dtype=np.int64)).to(device),
-                "valid": valid_t.long(),
-                "force_keep": torch.from_numpy(np.asarray(force_keep[sl], dtype=bool)).to(device).long(),
-                "position": torch.zeros((ids_t.shape[0], 1), dtype=torch.long, device=device),
-                "target_mask_rate": torch.from_numpy(rates[sl]).to(device)[:, None],
-            }
-            if observes_surprisal:
-                assert surprisal_reconstructor is not None
-                bits = surprisal_reconstructor.surprisal(ids[sl], np.asarray(valid[sl], dtype=bool))
-                obs["surprisal"] = bits.clamp(0.0, _MAX_SURPRISAL_BITS).float().to(device)
+            valid_np = np.asarray(valid[sl], dtype=bool)
+            bits = None
+            if surprisal_reconstructor is not None and observes_surprisal:
+                bits = surprisal_reconstructor.surprisal(ids[sl], valid_np).float().cpu().numpy()
+            built = build_observation(ids[sl], valid_np, force_keep[sl], rates[sl], bits, None if decisions is None else decisions[sl])
+            obs = {k: torch.from_numpy(v).to(device) for k, v in built.items()}
             missing = [k for k in keys if k not in obs]
             if missing:
                 raise InputError(f"the policy expects observation keys {missing} that TokenMask-v0 does not provide")
@@ -239,14 +227,14 @@ def agent_sequential_method(agent: Any, reconstructor: Reconstructor, batch_size
         if force_keep is not None:
             keep |= np.asarray(force_keep, dtype=bool)
         maskable = valid_np & ~keep
-        budgets = segment_budgets(maskable, mask_budget(rate, maskable), chunk)
+        budgets = segment_budgets(maskable, rate_budget(rate, valid_np, maskable), chunk)
         decisions = np.zeros(ids.shape, dtype=np.int64)
         masks = np.zeros(ids.shape, dtype=bool)
         for s, start in enumerate(range(0, ids.shape[1], chunk)):
             cols = slice(start, min(start + chunk, ids.shape[1]))
             logits = window_mask_logits(agent, ids, valid_np, keep, rate, reconstructor, batch_size, decisions=decisions)
             masks[:, cols] = budget_mask(logits[:, cols].astype(np.float64), budgets[:, s], maskable[:, cols])
-            decisions[:, cols] = np.where(masks[:, cols], _DROPPED, np.where(valid_np[:, cols], _KEPT, _UNDECIDED))
+            decisions[:, cols] = np.where(masks[:, cols], Decision.MASKED, np.where(valid_np[:, cols], Decision.KEPT, Decision.UNDECIDED))
         return masks
 
     return method
@@ -648,7 +636,7 @@ class Compressor:
                         f"mask_rate {rate} would remove every token of the text{'' if single else f' (text {i})'} "
                         f"({count} tokens): use a mask_rate in [0, {limit:.4g})"
                     )
-            budget = np.minimum(asked, maskable.sum(axis=1))
+            budget = rate_budget(rate, win_valid, maskable)
         else:
             requested = np.array([1.0 - t / n for t, n in zip(targets, counts, strict=True)])
             win_rate = requested[text_of_window]

@@ -2,14 +2,14 @@
 
 This module holds the single environment :class:`TokenMaskEnv` and what it shares with the natively
 batched :class:`~tokencompress_env.vector_env.TokenMaskVectorEnv`: the window data
-(:class:`WindowSet`, :func:`load_windows`), the force-keep rules (:func:`force_keep_mask`), the spaces
-(:func:`make_spaces`) and the batched dynamics (:class:`TokenMaskCore`). The single env is a
-:class:`TokenMaskCore` of batch size one, so both envs run exactly the same code.
+(:class:`WindowSet`, :func:`load_windows`), the force-keep rules (:func:`force_keep_mask`) and the
+batched dynamics (:class:`TokenMaskCore`). The single env is a :class:`TokenMaskCore` of batch size one,
+so both envs run exactly the same code. The observation (its spaces, decision codes and construction)
+is owned by :mod:`tokencompress_env.observation`.
 """
 
 from __future__ import annotations
 
-import numbers
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -18,21 +18,18 @@ from typing import Any
 
 import gymnasium as gym
 import numpy as np
-from gymnasium import spaces
 from gymnasium.error import ResetNeeded
 
 from tokencompress_env.data import CorpusSpec, prepare_corpus, tokenizer_id, window_array
+from tokencompress_env.env_config import EnvConfig, check_option_types
 from tokencompress_env.errors import ConfigError, DataSourceError, InputError
+from tokencompress_env.observation import MAX_SURPRISAL_BITS, Decision, build_observation, make_spaces
 from tokencompress_env.paths import cache_root
 from tokencompress_env.presets import load_or_build
-from tokencompress_env.reconstructor import PRESETS, SCORING_DTYPES, Reconstructor, default_reconstructor_dir, resolve_device
+from tokencompress_env.reconstructor import PRESETS, Reconstructor, default_reconstructor_dir, resolve_device
 from tokencompress_env.reward import EpisodeScorer, RewardConfig, StepOutcome
-from tokencompress_env.units import check_units, spread_to_units, unit_heads, unit_starts
+from tokencompress_env.units import spread_to_units, unit_heads, unit_starts
 
-#: Decision codes in the ``decisions`` observation.
-UNDECIDED, KEPT, MASKED = 0, 1, 2
-#: Upper bound of the ``surprisal`` observation, in bits (values are clipped to it).
-MAX_SURPRISAL_BITS = 64.0
 #: Splits a corpus provides.
 SPLITS = ("train", "validation", "test")
 #: Options of ``reset(options=...)``.
@@ -196,32 +193,10 @@ def force_keep_mask(
     return keep & valid
 
 
-def make_spaces(seq_len: int, chunk_size: int, vocab_size: int, observe_surprisal: bool) -> tuple[spaces.Dict, spaces.MultiBinary]:
-    """The observation and action space of one TokenMask-v0 environment.
-
-    :param seq_len: window length
-    :param chunk_size: tokens decided per step
-    :param vocab_size: number of token ids
-    :param observe_surprisal: include the ``surprisal`` feature
-    :return: observation space and action space
-    """
-    obs: dict[str, spaces.Space[Any]] = {
-        "token_ids": spaces.Box(0, vocab_size - 1, (seq_len,), np.int64),
-        "decisions": spaces.Box(0, 2, (seq_len,), np.int64),
-        "valid": spaces.Box(0, 1, (seq_len,), np.int64),
-        "force_keep": spaces.Box(0, 1, (seq_len,), np.int64),
-        "position": spaces.Box(0, seq_len, (1,), np.int64),
-        "target_mask_rate": spaces.Box(0.0, 1.0, (1,), np.float32),
-    }
-    if observe_surprisal:
-        obs["surprisal"] = spaces.Box(0.0, MAX_SURPRISAL_BITS, (seq_len,), np.float32)
-    return spaces.Dict(obs), spaces.MultiBinary(chunk_size)
-
-
 def draw_episode(
     rng: np.random.Generator,
     n_windows: int,
-    mask_rate_range: tuple[float, float],
+    config: EnvConfig,
     target: float | None = None,
     window_index: int | None = None,
 ) -> tuple[int, float]:
@@ -229,13 +204,13 @@ def draw_episode(
 
     :param rng: the episode's random generator
     :param n_windows: windows to choose from
-    :param mask_rate_range: ``(low, high)`` of the uniform target
+    :param config: the env's config (the target is uniform in ``[mask_rate_min, mask_rate_max]``)
     :param target: a fixed target (overrides the draw)
     :param window_index: a fixed window (overrides the draw)
     :return: window index and target mask rate
     """
     index = int(rng.integers(n_windows))
-    rate = float(rng.uniform(mask_rate_range[0], mask_rate_range[1]))
+    rate = float(rng.uniform(config.mask_rate_min, config.mask_rate_max))
     if target is not None and not (isinstance(target, float) and np.isnan(target)):
         if not 0.0 <= float(target) <= 1.0:
             raise InputError(f"target_mask_rate must be in [0, 1], got {target}")
@@ -345,7 +320,7 @@ class TokenMaskCore:
         self.force_keep[:] = self.windows.force_keep[idx]
         self.heads[:] = np.arange(self.seq_len) if self.windows.heads is None else self.windows.heads[idx]
         np.logical_and(self.valid, ~self.force_keep, out=self.maskable)
-        self.decisions.fill(UNDECIDED)
+        self.decisions.fill(Decision.UNDECIDED)
         self.position = 0
         self.scorer.begin(np.asarray(target, dtype=np.float64), self.valid.sum(1))
         if self.observe_surprisal:
@@ -360,7 +335,7 @@ class TokenMaskCore:
         self.scorer.state = self.reconstructor.begin_scoring(self.batch_size, self.scorer.dtype)
         if self.position > 0:
             p = self.position
-            dropped = self.decisions[:, :p] == MASKED
+            dropped = self.decisions[:, :p] == Decision.MASKED
             self.reconstructor.score_chunk(self.scorer.state, self.token_ids[:, :p], dropped, self.valid[:, :p], positions="masked")
         self._needs_rebuild = False
 
@@ -384,9 +359,9 @@ class TokenMaskCore:
         p, k = self.position, self.chunk_size
         heads = self.heads[:, p : p + k]
         rows = np.arange(self.batch_size)[:, None]
-        drop = np.where(heads >= p, act[rows, np.clip(heads - p, 0, k - 1)] != 0, self.decisions[rows, heads] == MASKED)
+        drop = np.where(heads >= p, act[rows, np.clip(heads - p, 0, k - 1)] != 0, self.decisions[rows, heads] == Decision.MASKED)
         mask = drop & self.maskable[:, p : p + k]
-        self.decisions[:, p : p + k] = np.where(mask, MASKED, KEPT)
+        self.decisions[:, p : p + k] = np.where(mask, Decision.MASKED, Decision.KEPT)
         outcome = self.scorer.step(self.token_ids[:, p : p + k], mask, self.valid[:, p : p + k])
         self.position += k
         self._last = outcome
@@ -397,17 +372,8 @@ class TokenMaskCore:
 
         :return: a dict of ``[B, ...]`` arrays keyed like the observation space
         """
-        obs = {
-            "token_ids": self.token_ids.copy(),
-            "decisions": self.decisions.copy(),
-            "valid": self.valid.astype(np.int64),
-            "force_keep": self.force_keep.astype(np.int64),
-            "position": np.full((self.batch_size, 1), self.position, dtype=np.int64),
-            "target_mask_rate": self.scorer.target.astype(np.float32)[:, None],
-        }
-        if self.observe_surprisal:
-            obs["surprisal"] = self.surprisal.copy()
-        return obs
+        surprisal = self.surprisal if self.observe_surprisal else None
+        return build_observation(self.token_ids, self.valid, self.force_keep, self.scorer.target, surprisal, self.decisions, self.position)
 
     def infos(self) -> dict[str, np.ndarray]:
         """Deterministic per-row facts of the episodes so far (no timings).
@@ -448,7 +414,7 @@ class TokenMaskCore:
             maskable = self.maskable[:, p : p + self.chunk_size]
             heads = self.heads[:, p : p + self.chunk_size]
             decided = heads < p
-            head_dropped = self.decisions[np.arange(self.batch_size)[:, None], heads] == MASKED
+            head_dropped = self.decisions[np.arange(self.batch_size)[:, None], heads] == Decision.MASKED
             masks[:, :, 1] = maskable & (~decided | head_dropped)
             masks[:, :, 0] = ~(maskable & decided & head_dropped)
         return masks.reshape(self.batch_size, 2 * self.chunk_size)
@@ -459,7 +425,7 @@ class TokenMaskCore:
         :param row: which row
         :return: the text
         """
-        ids = np.where(self.decisions[row] == MASKED, self.reconstructor.mask_token_id, self.token_ids[row])[self.valid[row]]
+        ids = np.where(self.decisions[row] == Decision.MASKED, self.reconstructor.mask_token_id, self.token_ids[row])[self.valid[row]]
         return str(self.reconstructor.tokenizer.decode(ids.tolist()))
 
     def __getstate__(self) -> dict[str, Any]:
@@ -483,93 +449,57 @@ def _scorer_without_cache(scorer: EpisodeScorer) -> EpisodeScorer:
 
 def build_core(
     batch_size: int,
-    *,
-    corpus: str,
-    split: str,
-    reconstructor: str | Path | Reconstructor,
-    seq_len: int,
-    chunk_size: int,
-    reward_config: RewardConfig,
-    observe_surprisal: bool,
-    scoring_dtype: str,
-    keep_digits: bool,
-    force_keep_strings: Sequence[str],
-    device: str,
-    windows: np.ndarray | Sequence[Sequence[int]] | None,
-    valid: np.ndarray | None,
-    units: str = "piece",
+    config: EnvConfig,
+    reconstructor: Reconstructor | None = None,
+    windows: np.ndarray | Sequence[Sequence[int]] | None = None,
+    valid: np.ndarray | None = None,
 ) -> TokenMaskCore:
-    """Validate the arguments shared by the single and the vector env, load what they name, and build the core.
+    """Load what a config names (reconstructor, corpus windows) and build the core of the single or the vector env.
 
     :param batch_size: episodes run together
-    :param corpus: corpus source (ignored when ``windows`` is given)
-    :param split: corpus split
-    :param reconstructor: preset name, directory, or a :class:`Reconstructor`
-    :param seq_len: window length
-    :param chunk_size: tokens decided per step
-    :param reward_config: reward coefficients
-    :param observe_surprisal: include the surprisal observation
-    :param scoring_dtype: precision of the reconstructor's forward passes
-    :param keep_digits: force-keep tokens with digits
-    :param force_keep_strings: strings whose occurrences are force-kept
-    :param device: where a named reconstructor runs
+    :param config: the env's options
+    :param reconstructor: a reconstructor object to use instead of loading ``config.reconstructor``
     :param windows: token-id windows to use instead of the corpus
     :param valid: real positions of ``windows``
-    :param units: ``"piece"`` or ``"word"``: what is dropped or kept together (:mod:`tokencompress_env.units`)
     :return: the core
     """
-    check_kwarg_types(
-        {"num_envs": batch_size, "seq_len": seq_len, "chunk_size": chunk_size},
-        {"observe_surprisal": observe_surprisal, "keep_digits": keep_digits},
-        {"corpus": corpus, "split": split, "scoring_dtype": scoring_dtype, "device": device},
-    )
-    check_units(units)
-    if not isinstance(force_keep_strings, str) and (
-        not isinstance(force_keep_strings, Sequence) or not all(isinstance(x, str) for x in force_keep_strings)
-    ):
-        raise ConfigError(f"force_keep_strings must be a string or a list of strings, got {force_keep_strings!r}")
+    check_option_types({"num_envs": batch_size}, {}, {})
     if batch_size < 1:
         raise ConfigError(f"num_envs must be at least 1, got {batch_size}")
-    if seq_len < 1 or chunk_size < 1:
-        raise ConfigError(f"seq_len and chunk_size must be positive, got {seq_len} and {chunk_size}")
-    if seq_len % chunk_size != 0:
-        raise ConfigError(f"seq_len ({seq_len}) must be a multiple of chunk_size ({chunk_size})")
-    if scoring_dtype not in SCORING_DTYPES:
-        raise ConfigError(f"scoring_dtype must be one of {SCORING_DTYPES}, got '{scoring_dtype}'")
-    if isinstance(force_keep_strings, str):
-        force_keep_strings = (force_keep_strings,)
-    model = reconstructor if isinstance(reconstructor, Reconstructor) else load_reconstructor(reconstructor, device)
+    seq_len = config.seq_len
+    model = reconstructor if reconstructor is not None else load_reconstructor(config.reconstructor, config.device)
     if seq_len > model.max_seq_len:
         raise ConfigError(f"seq_len={seq_len} exceeds the reconstructor's context of {model.max_seq_len} tokens: use a smaller seq_len")
     if windows is None:
-        token_ids = corpus_windows(corpus, split, seq_len, model)
+        token_ids = corpus_windows(config.corpus, config.split, seq_len, model)
         real = np.ones(token_ids.shape, dtype=bool)
     else:
         token_ids, real = pad_windows(windows, seq_len, model.pad_token_id, valid)
     if token_ids.min() < 0 or token_ids.max() >= model.vocab_size:
         raise InputError(f"token ids must lie in [0, {model.vocab_size}) for this reconstructor")
-    keep = force_keep_mask(token_ids, real, model, keep_digits, tuple(force_keep_strings))
-    starts = unit_starts(token_ids, real, model.tokenizer, units)
+    keep = force_keep_mask(token_ids, real, model, config.keep_digits, config.force_keep_strings)
+    starts = unit_starts(token_ids, real, model.tokenizer, config.units)
     windows_set = WindowSet(token_ids, real, spread_to_units(keep, starts) & real, unit_heads(starts))
-    return TokenMaskCore(model, windows_set, reward_config, seq_len, chunk_size, batch_size, observe_surprisal, scoring_dtype)
+    return TokenMaskCore(
+        model, windows_set, config.reward_config(), seq_len, config.chunk_size, batch_size, config.observe_surprisal, config.scoring_dtype
+    )
 
 
-def check_kwarg_types(integers: dict[str, Any], flags: dict[str, Any], strings: dict[str, Any]) -> None:
-    """Reject environment arguments of the wrong type (``gymnasium.make`` passes them through unchecked).
+def env_config(
+    config: EnvConfig | None, reconstructor: str | Path | Reconstructor | None, options: dict[str, Any]
+) -> tuple[EnvConfig, Reconstructor | None]:
+    """The config of an env constructor's arguments, and the reconstructor object it was given (if any).
 
-    :param integers: name -> value that must be an integer (not a bool)
-    :param flags: name -> value that must be a bool (``"no"`` is not one)
-    :param strings: name -> value that must be a string
+    :param config: a config (``None``: the defaults)
+    :param reconstructor: a preset name or directory (a config option), or a :class:`Reconstructor` object
+    :param options: the other keyword options (:meth:`EnvConfig.from_options`)
+    :return: the config and the reconstructor object or ``None``
     """
-    for name, value in integers.items():
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
-            raise ConfigError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
-    for name, value in flags.items():
-        if not isinstance(value, (bool, np.bool_)):
-            raise ConfigError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
-    for name, value in strings.items():
-        if not isinstance(value, str):
-            raise ConfigError(f"{name} must be a string, got {value!r} ({type(value).__name__})")
+    if isinstance(reconstructor, Reconstructor):
+        return EnvConfig.from_options(config, **options), reconstructor
+    if reconstructor is not None:
+        options = {**options, "reconstructor": reconstructor}
+    return EnvConfig.from_options(config, **options), None
 
 
 def check_reset_options(options: dict[str, Any] | None) -> dict[str, Any]:
@@ -588,19 +518,6 @@ def check_reset_options(options: dict[str, Any] | None) -> dict[str, Any]:
     return options
 
 
-def check_mask_rate_range(mask_rate_range: Sequence[float]) -> tuple[float, float]:
-    """Validate a target range.
-
-    :param mask_rate_range: ``(low, high)``
-    :return: the range as a tuple of floats
-    """
-    low, high = (float(x) for x in mask_rate_range)
-    if not 0.0 <= low <= high <= 1.0:
-        raise ConfigError(f"mask_rate_range must satisfy 0 <= low <= high <= 1, got {tuple(mask_rate_range)}")
-    return low, high
-
-
-# ---------------------------------------------------------------------------------------------- the env
 class CoreAccess:
     """What the single and the vector env both expose of their :class:`TokenMaskCore` (``self.core``)."""
 
@@ -636,7 +553,7 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
     ## Description
 
     An episode is one window of ``seq_len`` tokens drawn from a corpus split, and a target mask rate
-    drawn uniformly from ``mask_rate_range``. The agent walks through the window left to right,
+    drawn uniformly from ``[mask_rate_min, mask_rate_max]``. The agent walks through the window left to right,
     ``chunk_size`` tokens per step, and decides for each token whether to keep it or drop (mask) it.
     A dropped token is replaced by the reconstructor's mask token; the reconstructor, a small causal LM,
     must then recover it from the compressed prefix. Its surprisal ``-log2 p(x_i | compressed x_<i)``
@@ -720,25 +637,13 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
 
     ## Arguments
 
-    ``gymnasium.make("TokenMask-v0", **kwargs)`` with plain values:
-
-    * ``corpus="embedded"``: corpus source (``"embedded"``, a ``.txt`` path or folder, ``"hf:NAME"``), cut into
-      windows in the reconstructor's tokenizer
-    * ``split="train"``: ``"train"``, ``"validation"`` or ``"test"`` (documents never cross splits)
-    * ``reconstructor="tiny"``: a preset name (built and cached on first use) or a directory
-    * ``seq_len=128``: tokens per window (at most the reconstructor's context)
-    * ``chunk_size=16``: tokens decided per step (must divide ``seq_len``)
-    * ``reward_type="info_theoretic"``: or ``"simple"``
-    * ``mask_rate_range=(0.2, 0.8)``: the uniform range of the episode's target
-    * ``observe_surprisal=False``: add the ``surprisal`` observation (one extra forward per episode)
-    * ``keep_digits=False``, ``force_keep_strings=()``: force-keep rules
-    * ``units="piece"``: ``"piece"`` (whole characters) or ``"word"`` (whole words), see Action Space
-    * ``bits_saved_per_mask=8.0``, ``surprisal_clip=20.0``, ``mask_bonus=1.0``, ``wrong_penalty=2.0``,
-      ``rate_penalty=None``, ``reward_scale=None``: reward coefficients (see Rewards)
-    * ``device="auto"``: where a named reconstructor runs
-    * ``scoring_dtype="auto"``: precision of the reconstructor's forward passes (``"auto"``, ``"float32"``,
-      ``"bfloat16"``, ``"float16"``; see Rewards). Joint training keeps float32 weights either way: the
-      bfloat16 copy is refreshed whenever they change.
+    ``gymnasium.make("TokenMask-v0", **kwargs)`` with plain values: the keywords are the fields of
+    :class:`~tokencompress_env.env_config.EnvConfig`, where each is documented and defaulted (corpus and
+    split, reconstructor, ``seq_len`` and ``chunk_size``, the target range ``mask_rate_min`` /
+    ``mask_rate_max`` (``mask_rate_range=(min, max)`` is accepted too), ``observe_surprisal``, the
+    force-keep rules, ``units``, the reward coefficients of Rewards, ``device`` and ``scoring_dtype``).
+    A ready :class:`~tokencompress_env.env_config.EnvConfig` may be passed as ``config``; keywords then
+    change it.
 
     Direct construction only (never through ``gymnasium.make``, whose kwargs are deep-copied and must
     serialise): ``reconstructor`` may be a :class:`Reconstructor` object, and ``windows`` (``[N, L]``
@@ -757,84 +662,33 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
 
     * v0: initial version.
 
-    :param corpus: corpus source
-    :param split: corpus split
-    :param reconstructor: preset name, directory, or (direct construction) a :class:`Reconstructor`
-    :param seq_len: tokens per window
-    :param chunk_size: tokens decided per step
-    :param reward_type: ``"info_theoretic"`` or ``"simple"``
-    :param mask_rate_range: range of the uniform target mask rate
-    :param observe_surprisal: add the ``surprisal`` observation
-    :param keep_digits: force-keep tokens containing digits
-    :param force_keep_strings: strings whose occurrences are force-kept
-    :param bits_saved_per_mask: info-theoretic price of a dropped token (bits)
-    :param surprisal_clip: clip of a dropped token's surprisal (bits)
-    :param mask_bonus: simple reward per dropped token
-    :param wrong_penalty: simple penalty per unrecovered dropped token
-    :param rate_penalty: cost per token of deviation from the target (``None``: default)
-    :param reward_scale: divisor of every reward (``None``: ``seq_len``)
-    :param device: where a named reconstructor runs
-    :param scoring_dtype: precision of the reconstructor's forward passes: ``"auto"`` (bfloat16 where native), ``"float32"``,
-        ``"bfloat16"`` or ``"float16"``
+    :param config: the env's options (``None``: the defaults, changed by ``options``)
+    :param reconstructor: preset name or directory (an option), or (direct construction) a :class:`Reconstructor`
     :param windows: (direct construction) token-id windows replacing the corpus
     :param valid: (direct construction) real positions of ``windows``
     :param render_mode: ``None`` or ``"ansi"`` (the window as text, dropped tokens as the mask token)
-    :param units: what is dropped or kept together: ``"piece"`` (whole characters) or ``"word"``
+    :param options: fields of :class:`~tokencompress_env.env_config.EnvConfig` by name
     """
 
     metadata: dict[str, Any] = {"render_modes": ["ansi"], "render_fps": 4}  # noqa: RUF012 - Gymnasium's convention
 
     def __init__(
         self,
-        corpus: str = "embedded",
-        split: str = "train",
-        reconstructor: str | Path | Reconstructor = "tiny",
-        seq_len: int = 128,
-        chunk_size: int = 16,
-        reward_type: str = "info_theoretic",
-        mask_rate_range: Sequence[float] = (0.2, 0.8),
-        observe_surprisal: bool = False,
-        keep_digits: bool = False,
-        force_keep_strings: Sequence[str] = (),
-        bits_saved_per_mask: float = 8.0,
-        surprisal_clip: float = 20.0,
-        mask_bonus: float = 1.0,
-        wrong_penalty: float = 2.0,
-        rate_penalty: float | None = None,
-        reward_scale: float | None = None,
-        device: str = "auto",
-        scoring_dtype: str = "auto",
+        config: EnvConfig | None = None,
+        *,
+        reconstructor: str | Path | Reconstructor | None = None,
         windows: np.ndarray | Sequence[Sequence[int]] | None = None,
         valid: np.ndarray | None = None,
         render_mode: str | None = None,
-        units: str = "piece",
+        **options: Any,
     ) -> None:
         if render_mode is not None and render_mode not in self.metadata["render_modes"]:
             raise ConfigError(f"render_mode must be None or one of {self.metadata['render_modes']}, got '{render_mode}'")
         self.render_mode = render_mode
-        self.mask_rate_range = check_mask_rate_range(mask_rate_range)
-        self.reward_config = RewardConfig(
-            reward_type, bits_saved_per_mask, surprisal_clip, mask_bonus, wrong_penalty, rate_penalty, reward_scale
-        )
-        self.core = build_core(
-            1,
-            corpus=corpus,
-            split=split,
-            reconstructor=reconstructor,
-            seq_len=seq_len,
-            chunk_size=chunk_size,
-            reward_config=self.reward_config,
-            observe_surprisal=observe_surprisal,
-            scoring_dtype=scoring_dtype,
-            keep_digits=keep_digits,
-            force_keep_strings=force_keep_strings,
-            device=device,
-            windows=windows,
-            valid=valid,
-            units=units,
-        )
-        self.seq_len, self.chunk_size = seq_len, chunk_size
-        self.units = units
+        self.config, model = env_config(config, reconstructor, options)
+        self.core = build_core(1, self.config, model, windows, valid)
+        self.reward_config = self.core.reward_config
+        self.seq_len, self.chunk_size, self.units = self.config.seq_len, self.config.chunk_size, self.config.units
         self.observation_space = self.core.observation_space  # type: ignore[assignment]
         self.action_space = self.core.action_space
 
@@ -854,7 +708,7 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
         options = check_reset_options(options)
         super().reset(seed=seed)
         index, target = draw_episode(
-            self.np_random, self.num_windows, self.mask_rate_range, options.get("target_mask_rate"), options.get("window_index")
+            self.np_random, self.num_windows, self.config, options.get("target_mask_rate"), options.get("window_index")
         )
         self.core.start(np.array([index]), np.array([target]))
         return self._obs(), self._info()

@@ -71,8 +71,8 @@ from tokencompress_env.baselines import (
     MaskMethod,
     MethodContext,
     greedy_search_masks,
-    mask_budget,
     maskable_positions,
+    rate_budget,
 )
 from tokencompress_env.errors import InputError
 from tokencompress_env.reconstructor import Reconstructor
@@ -613,7 +613,7 @@ def _method_masks(
         rec = context.require_reconstructor(SEARCH)
         maskable = maskable_positions(ids, valid, force_keep)
         order = np.argsort(rates, kind="stable")
-        budgets = np.stack([mask_budget(float(rates[i]), maskable) for i in order])
+        budgets = np.stack([rate_budget(float(rates[i]), valid, maskable) for i in order])
         start = time.perf_counter()
         with tqdm(total=len(ids), desc="search (nested over rates)", unit="window", disable=not progress, leave=False) as bar:
             nested = greedy_search_masks(rec, ids, budgets, valid, force_keep, max(context.batch_size, 64), bar.update)

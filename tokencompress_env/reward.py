@@ -20,12 +20,13 @@ Reward of one step, for each window (all in bits before the division by ``reward
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import numpy as np
 import torch
 
 from tokencompress_env.errors import ConfigError
+from tokencompress_env.options import option
 from tokencompress_env.reconstructor import Reconstructor, ScoringState, resolve_scoring_dtype
 
 #: Reward types understood by :class:`RewardConfig`.
@@ -34,26 +35,24 @@ REWARD_TYPES = ("info_theoretic", "simple")
 
 @dataclass(frozen=True)
 class RewardConfig:
-    """Coefficients of the TokenMask-v0 reward (see the module docstring for the formulas).
+    """Coefficients of the TokenMask-v0 reward (see the module docstring for the formulas), each documented at its field.
 
-    :param reward_type: ``"info_theoretic"`` (bits) or ``"simple"`` (bonus and penalty counts)
-    :param bits_saved_per_mask: info-theoretic price of one dropped token, in bits
-    :param surprisal_clip: surprisal of a dropped token is clipped at this many bits
-    :param mask_bonus: simple reward per dropped token
-    :param wrong_penalty: simple penalty per dropped token the reconstructor does not recover
-    :param rate_penalty: cost of each token of deviation from the target mask rate; ``None`` picks
-        ``2 * bits_saved_per_mask`` (info-theoretic) or ``mask_bonus + wrong_penalty`` (simple)
-    :param reward_scale: every reward is divided by this; ``None`` means the window length, so that an
-        episode's return is in bits (or bonus units) per window token, O(1)
+    :class:`~tokencompress_env.env_config.EnvConfig` extends it with the environment's other options.
     """
 
-    reward_type: str = "info_theoretic"
-    bits_saved_per_mask: float = 8.0
-    surprisal_clip: float = 20.0
-    mask_bonus: float = 1.0
-    wrong_penalty: float = 2.0
-    rate_penalty: float | None = None
-    reward_scale: float | None = None
+    reward_type: str = option("info_theoretic", "'info_theoretic' (bits) or 'simple' (bonus and penalty counts)")
+    bits_saved_per_mask: float = option(8.0, "info-theoretic price of one dropped token, in bits")
+    surprisal_clip: float = option(20.0, "the surprisal of a dropped token is clipped at this many bits (info-theoretic)")
+    mask_bonus: float = option(1.0, "simple reward per dropped token")
+    wrong_penalty: float = option(2.0, "simple penalty per dropped token the reconstructor does not recover")
+    rate_penalty: float | None = option(
+        None,
+        "cost of each token of deviation from the target mask rate; None: 2 * bits_saved_per_mask (info-theoretic) "
+        "or mask_bonus + wrong_penalty (simple). It must exceed the price of a token",
+    )
+    reward_scale: float | None = option(
+        None, "every reward is divided by this; None: the window length, so an episode's return is in bits per window token"
+    )
 
     def __post_init__(self) -> None:
         if self.reward_type not in REWARD_TYPES:
@@ -70,6 +69,13 @@ class RewardConfig:
                 f"rate_penalty ({self.effective_rate_penalty}) must exceed the reward of one dropped token ({price}), "
                 "or masking everything beyond the target would pay"
             )
+
+    def reward_config(self) -> RewardConfig:
+        """The reward coefficients alone, as a plain :class:`RewardConfig` (of a subclass such as ``EnvConfig`` too).
+
+        :return: the coefficients
+        """
+        return RewardConfig(**{f.name: getattr(self, f.name) for f in fields(RewardConfig)})
 
     @property
     def token_price(self) -> float:

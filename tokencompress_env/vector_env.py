@@ -24,10 +24,10 @@ from gymnasium.utils import seeding
 from gymnasium.vector import AutoresetMode, VectorEnv
 from gymnasium.vector.utils import batch_space
 
-from tokencompress_env.env import CoreAccess, build_core, check_mask_rate_range, check_reset_options, draw_episode
+from tokencompress_env.env import CoreAccess, build_core, check_reset_options, draw_episode, env_config
+from tokencompress_env.env_config import EnvConfig
 from tokencompress_env.errors import InputError
 from tokencompress_env.reconstructor import Reconstructor
-from tokencompress_env.reward import RewardConfig
 
 
 def _per_row(value: Any, num_envs: int, name: str) -> list[Any]:
@@ -49,34 +49,18 @@ def _per_row(value: Any, num_envs: int, name: str) -> list[Any]:
 class TokenMaskVectorEnv(CoreAccess, VectorEnv[dict[str, np.ndarray], np.ndarray, np.ndarray]):
     """N synchronized TokenMask-v0 episodes scored together (see :class:`~tokencompress_env.env.TokenMaskEnv` for the env).
 
-    Takes the same keyword arguments as :class:`~tokencompress_env.env.TokenMaskEnv` plus ``num_envs``.
+    Takes the same arguments as :class:`~tokencompress_env.env.TokenMaskEnv` (an
+    :class:`~tokencompress_env.env_config.EnvConfig` and/or its fields as keywords) plus ``num_envs``.
     Observations are the single env's ``Dict`` batched (``[N, ...]`` arrays), actions are ``[N,
     chunk_size]`` binary, rewards ``[N]`` float64, infos a dict of ``[N]`` arrays each with its ``_key``
     mask. :meth:`action_masks` returns ``[N, 2 * chunk_size]`` for MaskablePPO.
 
     :param num_envs: number of episodes run together
-    :param corpus: corpus source
-    :param split: corpus split
-    :param reconstructor: preset name, directory, or (direct construction) a :class:`Reconstructor`
-    :param seq_len: tokens per window
-    :param chunk_size: tokens decided per step
-    :param reward_type: ``"info_theoretic"`` or ``"simple"``
-    :param mask_rate_range: range of the uniform target mask rate
-    :param observe_surprisal: add the ``surprisal`` observation
-    :param keep_digits: force-keep tokens containing digits
-    :param force_keep_strings: strings whose occurrences are force-kept
-    :param bits_saved_per_mask: info-theoretic price of a dropped token (bits)
-    :param surprisal_clip: clip of a dropped token's surprisal (bits)
-    :param mask_bonus: simple reward per dropped token
-    :param wrong_penalty: simple penalty per unrecovered dropped token
-    :param rate_penalty: cost per token of deviation from the target (``None``: default)
-    :param reward_scale: divisor of every reward (``None``: ``seq_len``)
-    :param device: where a named reconstructor runs
-    :param scoring_dtype: precision of the reconstructor's forward passes: ``"auto"`` (bfloat16 where native), ``"float32"``,
-        ``"bfloat16"`` or ``"float16"``
+    :param config: the env's options (``None``: the defaults, changed by ``options``)
+    :param reconstructor: preset name or directory (an option), or (direct construction) a :class:`Reconstructor`
     :param windows: (direct construction) token-id windows replacing the corpus
     :param valid: (direct construction) real positions of ``windows``
-    :param units: what is dropped or kept together: ``"piece"`` (whole characters) or ``"word"``
+    :param options: fields of :class:`~tokencompress_env.env_config.EnvConfig` by name
     """
 
     metadata: dict[str, Any] = {"autoreset_mode": AutoresetMode.SAME_STEP, "render_modes": []}  # noqa: RUF012 - Gymnasium's convention
@@ -84,51 +68,18 @@ class TokenMaskVectorEnv(CoreAccess, VectorEnv[dict[str, np.ndarray], np.ndarray
     def __init__(
         self,
         num_envs: int = 1,
-        corpus: str = "embedded",
-        split: str = "train",
-        reconstructor: str | Path | Reconstructor = "tiny",
-        seq_len: int = 128,
-        chunk_size: int = 16,
-        reward_type: str = "info_theoretic",
-        mask_rate_range: Sequence[float] = (0.2, 0.8),
-        observe_surprisal: bool = False,
-        keep_digits: bool = False,
-        force_keep_strings: Sequence[str] = (),
-        bits_saved_per_mask: float = 8.0,
-        surprisal_clip: float = 20.0,
-        mask_bonus: float = 1.0,
-        wrong_penalty: float = 2.0,
-        rate_penalty: float | None = None,
-        reward_scale: float | None = None,
-        device: str = "auto",
-        scoring_dtype: str = "auto",
+        config: EnvConfig | None = None,
+        *,
+        reconstructor: str | Path | Reconstructor | None = None,
         windows: np.ndarray | Sequence[Sequence[int]] | None = None,
         valid: np.ndarray | None = None,
-        units: str = "piece",
+        **options: Any,
     ) -> None:
-        self.mask_rate_range = check_mask_rate_range(mask_rate_range)
-        self.reward_config = RewardConfig(
-            reward_type, bits_saved_per_mask, surprisal_clip, mask_bonus, wrong_penalty, rate_penalty, reward_scale
-        )
-        self.core = build_core(
-            num_envs,
-            corpus=corpus,
-            split=split,
-            reconstructor=reconstructor,
-            seq_len=seq_len,
-            chunk_size=chunk_size,
-            reward_config=self.reward_config,
-            observe_surprisal=observe_surprisal,
-            scoring_dtype=scoring_dtype,
-            keep_digits=keep_digits,
-            force_keep_strings=force_keep_strings,
-            device=device,
-            windows=windows,
-            valid=valid,
-            units=units,
-        )
+        self.config, model = env_config(config, reconstructor, options)
+        self.core = build_core(num_envs, self.config, model, windows, valid)
+        self.reward_config = self.core.reward_config
         self.num_envs = num_envs
-        self.seq_len, self.chunk_size = seq_len, chunk_size
+        self.seq_len, self.chunk_size = self.config.seq_len, self.config.chunk_size
         self.render_mode = None
         self.single_observation_space = self.core.observation_space
         self.single_action_space = self.core.action_space
@@ -142,7 +93,7 @@ class TokenMaskVectorEnv(CoreAccess, VectorEnv[dict[str, np.ndarray], np.ndarray
         :param targets: per-row fixed target or ``None``
         :param indices: per-row fixed window index or ``None``
         """
-        drawn = [draw_episode(rng, self.num_windows, self.mask_rate_range, t, w) for rng, t, w in zip(self._row_rngs, targets, indices)]
+        drawn = [draw_episode(rng, self.num_windows, self.config, t, w) for rng, t, w in zip(self._row_rngs, targets, indices)]
         self.core.start(np.array([d[0] for d in drawn]), np.array([d[1] for d in drawn]))
 
     def _infos(self) -> dict[str, Any]:
