@@ -50,7 +50,7 @@ import datasets
 import numpy as np
 
 from experiments.config import check_output_dir, cli_main, parse_config
-from tokencompress_env import run_folder
+from tokencompress_env import run_folder, run_loading
 from tokencompress_env.baselines import (
     BASELINE_NAMES,
     BASELINES,
@@ -90,7 +90,7 @@ from tokencompress_env.evaluation import (
 from tokencompress_env.options import option, option_factory
 from tokencompress_env.presets import load_or_build
 from tokencompress_env.reconstructor import BUILD_INFO, Reconstructor, parse_device, resolve_device
-from tokencompress_env.run_folder import RunBundle
+from tokencompress_env.run_loading import RunBundle
 from tokencompress_env.units import check_units
 
 
@@ -201,7 +201,7 @@ class EvaluateConfig:
 def load_run(run_dir: str | Path, device: str = "auto", load_agent: bool = True) -> RunBundle:
     """Load a run folder defensively: the reference reconstructor is required, the rest reported if missing.
 
-    The one reader of run folders, :func:`tokencompress_env.run_folder.load_run`, in its non-strict mode.
+    The one reader of run folders, :func:`tokencompress_env.run_loading.load_run`, in its non-strict mode.
 
     :param run_dir: the run folder
     :param device: where to put the models
@@ -210,7 +210,7 @@ def load_run(run_dir: str | Path, device: str = "auto", load_agent: bool = True)
     :raises InputError: when the folder or its reference reconstructor is missing
     """
     try:
-        return run_folder.load_run(run_dir, device, strict=False, load_agent=load_agent, load_reference=True)
+        return run_loading.load_run(run_dir, device, strict=False, load_agent=load_agent, load_reference=True)
     except CheckpointError as exc:
         raise InputError(str(exc)) from None
 

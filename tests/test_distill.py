@@ -11,7 +11,7 @@ import torch as th
 
 from agents.distill import cheapest_tokens, distill_policy
 from agents.policy import TokenActorCriticPolicy
-from tokencompress_env.observation import make_spaces
+from tokencompress_env.observation import build_observation, make_spaces
 
 SEQ_LEN, VOCAB, A, B = 32, 64, 1, 2
 
@@ -74,17 +74,9 @@ def _policy() -> TokenActorCriticPolicy:
 
 def _planted_recall(policy: TokenActorCriticPolicy, windows: np.ndarray) -> float:
     """Fraction of the policy's top-3 logits of each window that are a ``B`` right after an ``A``."""
-    n = len(windows)
-    obs = {
-        "token_ids": th.as_tensor(windows),
-        "decisions": th.zeros((n, SEQ_LEN), dtype=th.long),
-        "valid": th.ones((n, SEQ_LEN), dtype=th.long),
-        "force_keep": th.zeros((n, SEQ_LEN), dtype=th.long),
-        "position": th.zeros((n, 1), dtype=th.long),
-        "target_mask_rate": th.full((n, 1), 0.1),
-    }
+    obs = build_observation(windows, np.ones(windows.shape, bool), np.zeros(windows.shape, bool), 0.1)
     with th.no_grad():
-        logits = policy.token_mask_logits({k: v.float() for k, v in obs.items()})
+        logits = policy.token_mask_logits({k: th.as_tensor(v).float() for k, v in obs.items()})
     top = logits.topk(3, dim=1).indices
     ids = th.as_tensor(windows)
     planted = (ids == B) & (th.nn.functional.pad(ids, (1, 0), value=0)[:, :-1] == A)
@@ -181,9 +173,10 @@ def test_distillation_labels_are_the_cheapest_tokens_and_agreement_rises(monkeyp
     for labels, surprisal, real in zip(targets, recorder.surprisal, recorder.valid, strict=True):
         assert set(labels.unique().tolist()) <= {0.0, 1.0}
         for row, cost, maskable in zip(labels > 0, surprisal, real, strict=True):
+            n_real = int(maskable.sum())  # real tokens of the row, the force-kept one included
             maskable = maskable.clone()
             maskable[5] = False  # force-kept
-            n, k, n_real = int(maskable.sum()), int(row.sum()), int(real.sum())
+            n, k = int(maskable.sum()), int(row.sum())
             assert not row[~maskable].any()  # never a force-kept or padding token
             # the budget of a rate in the range, over the real tokens (baselines.rate_budget)
             assert min(np.floor(low * n_real + 0.5), n) <= k <= min(np.floor(high * n_real + 0.5), n)

@@ -24,6 +24,7 @@ from stable_baselines3.common.vec_env import DummyVecEnv
 
 from agents.algorithms import make_model
 from tokencompress_env.env import TokenMaskEnv
+from tokencompress_env.observation import build_observation
 from tokencompress_env.reconstructor import Reconstructor
 
 SEQ_LEN, CHUNK = 32, 8
@@ -76,17 +77,9 @@ def _windows(words: list[int], n: int, seed: int) -> np.ndarray:
 
 def _planted_recall(model: Any, windows: np.ndarray, a: int, b: int) -> float:
     """Fraction of the policy's 3 highest drop logits per window that fall on a ``b`` right after an ``a``."""
-    n = len(windows)
-    obs = {
-        "token_ids": th.as_tensor(windows),
-        "decisions": th.zeros((n, SEQ_LEN), dtype=th.long),
-        "valid": th.ones((n, SEQ_LEN), dtype=th.long),
-        "force_keep": th.zeros((n, SEQ_LEN), dtype=th.long),
-        "position": th.zeros((n, 1), dtype=th.long),
-        "target_mask_rate": th.full((n, 1), 3 / SEQ_LEN),
-    }
+    obs = build_observation(windows, np.ones(windows.shape, bool), np.zeros(windows.shape, bool), 3 / SEQ_LEN)
     with th.no_grad():
-        logits = model.policy.token_mask_logits({k: v.float() for k, v in obs.items()})
+        logits = model.policy.token_mask_logits({k: th.as_tensor(v).float() for k, v in obs.items()})
     top = logits.topk(3, dim=1).indices
     ids = th.as_tensor(windows)
     planted = (ids == b) & (th.nn.functional.pad(ids, (1, 0), value=-1)[:, :-1] == a)

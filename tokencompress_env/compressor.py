@@ -62,7 +62,7 @@ from tokencompress_env.env import force_keep_token_table
 from tokencompress_env.errors import CheckpointError, ConfigError, InputError, ReconstructorLoadError
 from tokencompress_env.observation import SURPRISAL, Decision, build_observation
 from tokencompress_env.reconstructor import Reconstructor
-from tokencompress_env.run_folder import load_run
+from tokencompress_env.run_loading import load_run
 from tokencompress_env.units import check_units, decode_ids, spread_to_units, unit_starts
 
 #: Default mask rate when neither ``mask_rate`` nor ``target_tokens`` is given.
@@ -400,7 +400,7 @@ class Compressor:
         unpickling anything: :mod:`agents.artifact`) and ``reconstructor/`` (the jointly trained
         reconstructor, safetensors); ``reference_reconstructor/`` is only needed for
         ``reconstruct(..., reference=True)``. ``agent.zip`` (a pickle) is never read. The folder is read
-        by :func:`tokencompress_env.run_folder.load_run`.
+        by :func:`tokencompress_env.run_loading.load_run`.
 
         :param run_dir: the run folder
         :param device: ``"auto"`` (CUDA, MPS or CPU), ``"cpu"``, ``"cuda"``, ...
