@@ -64,7 +64,7 @@ from tokencompress_env.errors import CheckpointError, ConfigError, Reconstructor
 from tokencompress_env.presets import load_or_build
 from tokencompress_env.reconstructor import SCORING_DTYPES, Reconstructor, parse_device, resolve_device
 from tokencompress_env.sb3_vec_env import TokenMaskSB3VecEnv
-from tokencompress_env.trainer import ReconstructorTrainer
+from tokencompress_env.trainer import ReconstructorTrainer, launched_processes
 from tokencompress_env.units import check_units
 from tokencompress_env.vector_env import TokenMaskVectorEnv
 
@@ -537,7 +537,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     :param config: the run config
     :return: summary with the run folder, timesteps, seconds and final rollout metrics
+    :raises ConfigError: when launched as several processes (the agent is not distributed)
     """
+    if launched_processes() > 1:  # every process would train its own agent into the same run folder
+        raise ConfigError(
+            f"train_ppo runs as one process, but {launched_processes()} were launched: start it with plain "
+            "'python -m experiments.train_ppo' (the reconstructor's pretraining runs on several: "
+            "'accelerate launch ... -m experiments.pretrain_reconstructor')"
+        )
     torch.manual_seed(config.seed)
     resolve_device(config.device)  # a device this machine lacks fails here, before any work
     reconstructor = _prepare_run_dir(config)
