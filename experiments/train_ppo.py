@@ -75,7 +75,7 @@ from tokencompress_env.run_folder import (
     publish_run_result,
 )
 from tokencompress_env.sb3_vec_env import TokenMaskSB3VecEnv
-from tokencompress_env.trainer import ReconstructorTrainer
+from tokencompress_env.trainer import ReconstructorTrainer, launched_processes
 from tokencompress_env.units import check_units
 from tokencompress_env.vector_env import TokenMaskVectorEnv
 
@@ -534,7 +534,14 @@ def train(config: TrainConfig) -> dict[str, Any]:
 
     :param config: the run config
     :return: summary with the run folder, timesteps, seconds and final rollout metrics
+    :raises ConfigError: when launched as several processes (the agent is not distributed)
     """
+    if launched_processes() > 1:  # every process would train its own agent into the same run folder
+        raise ConfigError(
+            f"train_ppo runs as one process, but {launched_processes()} were launched: start it with plain "
+            "'python -m experiments.train_ppo' (the reconstructor's pretraining runs on several: "
+            "'accelerate launch ... -m experiments.pretrain_reconstructor')"
+        )
     torch.manual_seed(config.seed)
     resolve_device(config.device)  # a device this machine lacks fails here, before any work
     reconstructor = _prepare_run_dir(config)

@@ -188,6 +188,15 @@ def test_checkpoint_and_finetune_callbacks_share_the_trainer_not_each_other(fres
         )
 
 
+def test_train_ppo_refuses_several_processes(tmp_path, monkeypatch):
+    """Under 'accelerate launch --num_processes 2' each process would train its own agent into one run folder."""
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    base = {k: v for k, v in json.loads(DEBUG.read_text()).items() if not k.startswith("_")}
+    with pytest.raises(Exception, match="train_ppo runs as one process, but 2 were launched"):
+        train(TrainConfig(**{**base, "runs_dir": str(tmp_path), "tensorboard": False, "device": "cpu"}))
+    assert not list(tmp_path.iterdir())  # refused before anything was written
+
+
 def test_distillation_only_run(tmp_path, test_reconstructor_dir):
     """total_timesteps 0: the warm start alone, saved as a finished run (the ablation's distill_only variant)."""
     base = {k: v for k, v in json.loads(DEBUG.read_text()).items() if not k.startswith("_")}

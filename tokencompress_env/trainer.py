@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
+from tokencompress_env.errors import ConfigError
 from tokencompress_env.reconstructor import Reconstructor, parse_device
 
 if TYPE_CHECKING:
@@ -55,6 +56,7 @@ def make_accelerator(device: str | torch.device = "auto") -> Accelerator | None:
     :param device: the run's device option
     :return: the accelerator, or ``None`` in a single process
     :raises ImportError: when several processes were launched but ``accelerate`` is not installed
+    :raises ConfigError: when the processes could not be joined into one group on that device
     """
     if launched_processes() <= 1:
         return None
@@ -62,7 +64,13 @@ def make_accelerator(device: str | torch.device = "auto") -> Accelerator | None:
 
     wanted = device if isinstance(device, torch.device) else parse_device(device) if device != "auto" else None
     cpu = (wanted is not None and wanted.type == "cpu") or (wanted is None and not torch.cuda.is_available())
-    return Accelerator(cpu=cpu, device_placement=False)
+    accelerator = Accelerator(cpu=cpu, device_placement=False)
+    if accelerator.num_processes != launched_processes():  # e.g. --device cuda on a machine without CUDA
+        raise ConfigError(
+            f"{launched_processes()} processes were launched but accelerate joined {accelerator.num_processes} "
+            f"(device {str(device)!r}): pass --device cpu on a machine without GPUs"
+        )
+    return accelerator
 
 
 def is_main_process(accelerator: Accelerator | None) -> bool:
