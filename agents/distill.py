@@ -14,11 +14,22 @@ cross-entropy between the policy's mask logits (:meth:`token_mask_logits`) and t
 maskable positions only (``target="rank"``); ``target="cost"`` instead regresses ``-logit`` on each
 token's surprisal in that context, so the logits order tokens by predicted cost at every rate. PPO then
 fine-tunes the warm-started policy on the real reward.
+
+A stronger teacher can replace those labels (``teacher``): a masking method of
+:mod:`tokencompress_env.baselines` that queries the reconstructor at mask time, such as
+``greedy_threshold`` (sequential, with the compressed prefix) or ``search`` (greedy deletion with full
+re-scoring). Its masks are computed once on a pool of training windows at a grid of rates
+(:func:`teacher_masks`, cached on disk, so seeds and variants that share the reconstructor and the windows
+share them) and the policy learns to reproduce them from the token ids alone, so that at compress time it
+needs no reconstructor. This is imitation of an expert, the first step of expert iteration.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,12 +37,18 @@ import torch as th
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from tokencompress_env.baselines import rate_budget
+from tokencompress_env.baselines import BASELINES, SEARCH, MethodContext, greedy_search_masks, needs_reconstructor, rate_budget
 from tokencompress_env.observation import build_observation
+from tokencompress_env.paths import cache_root
+from tokencompress_env.pretrain import weights_fingerprint
 from tokencompress_env.reconstructor import Reconstructor, resolve_scoring_dtype
 
 #: Distillation targets (see :func:`distill_policy`).
 DISTILL_TARGETS = ("rank", "cost")
+#: The default teacher: labels from the reconstructor's surprisal in compressed contexts (module docstring).
+SURPRISAL_TEACHER = "surprisal"
+#: Teachers of the distillation: the default, or a masking method that queries the reconstructor.
+DISTILL_TEACHERS = (SURPRISAL_TEACHER, *(m for m in (*BASELINES, SEARCH) if needs_reconstructor(m)))
 #: Bits per logit unit of the ``cost`` distillation target (``-logit * COST_SCALE`` predicts the surprisal).
 COST_SCALE = 4.0
 
@@ -55,6 +72,109 @@ def cheapest_tokens(surprisal: th.Tensor, valid: th.Tensor, maskable: th.Tensor,
     return ((rank < budget.to(rank.device)[:, None]) & maskable).float()
 
 
+def teacher_rate_grid(mask_rate_min: float, mask_rate_max: float, count: int) -> np.ndarray:
+    """The rates at which a method teacher's masks are computed: ``count`` evenly spaced rates.
+
+    :param mask_rate_min: lowest rate
+    :param mask_rate_max: highest rate
+    :param count: number of rates (1: the midpoint)
+    :return: ``[count]`` rates, rounded to 4 decimals
+    """
+    if count < 1:
+        raise ValueError(f"the teacher needs at least one rate, got {count}")
+    if count == 1:
+        return np.array([round((mask_rate_min + mask_rate_max) / 2, 4)])
+    return np.round(np.linspace(mask_rate_min, mask_rate_max, count), 4)
+
+
+def teacher_pool(n_windows: int, size: int) -> np.ndarray:
+    """The training windows a method teacher masks: a fixed random subset, the same for every run seed.
+
+    Runs that differ only in their seed therefore share the cached teacher masks (:func:`teacher_masks`).
+
+    :param n_windows: training windows
+    :param size: windows in the pool (all when there are fewer)
+    :return: sorted window indices
+    """
+    return np.sort(np.random.default_rng(0).permutation(n_windows)[:size])
+
+
+def teacher_masks(
+    teacher: str,
+    reconstructor: Reconstructor,
+    windows: np.ndarray,
+    valid: np.ndarray,
+    force_keep: np.ndarray,
+    rates: np.ndarray,
+    units: str | None = None,
+    batch_size: int = 64,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> np.ndarray:
+    """The masks a method teacher chooses on ``windows`` at each of ``rates``, from the disk cache when present.
+
+    The cache key hashes the teacher, the reconstructor's weights, the windows, the force-kept positions,
+    the rates and the units: a cached file is the answer to exactly this question.
+
+    :param teacher: a masking method that needs the reconstructor (one of :data:`DISTILL_TEACHERS` but
+        ``"surprisal"``)
+    :param reconstructor: the reconstructor the method queries
+    :param windows: ``[N, L]`` token ids
+    :param valid: ``[N, L]`` bool, real positions
+    :param force_keep: ``[N, L]`` bool, positions that are never dropped
+    :param rates: ``[R]`` mask rates (for ``search``: increasing, searched nested in one pass)
+    :param units: what is dropped together (see :class:`~tokencompress_env.baselines.MethodContext`)
+    :param batch_size: windows (``search``: candidate windows) per reconstructor forward pass
+    :param cache_dir: folder of the cache (default ``<cache root>/teachers``; ``""``: no cache)
+    :param progress: show a progress bar
+    :return: ``[R, N, L]`` bool masks, ``True`` = dropped
+    """
+    if teacher not in DISTILL_TEACHERS or teacher == SURPRISAL_TEACHER:
+        raise ValueError(f"teacher must be a method that queries the reconstructor, one of {DISTILL_TEACHERS[1:]}, got '{teacher}'")
+    windows = np.ascontiguousarray(windows, dtype=np.int64)
+    valid = np.ascontiguousarray(valid, dtype=bool)
+    force_keep = np.ascontiguousarray(force_keep, dtype=bool)
+    rates = np.asarray(rates, dtype=np.float64)
+    digest = hashlib.sha256()
+    for part in (
+        teacher,
+        weights_fingerprint(reconstructor.model),
+        str(units),
+        rates.tobytes(),
+        windows.tobytes(),
+        valid.tobytes(),
+        force_keep.tobytes(),
+    ):
+        digest.update(part if isinstance(part, bytes) else part.encode())
+    folder = Path(cache_root() / "teachers" if cache_dir is None else cache_dir)
+    path = folder / f"{teacher}-{digest.hexdigest()[:16]}.npy"
+    if cache_dir != "" and path.is_file():
+        return np.load(path)
+    context = MethodContext(reconstructor=reconstructor, batch_size=batch_size, units=units)
+    if teacher == SEARCH:
+        maskable = valid & ~force_keep
+        budgets = np.stack([rate_budget(float(r), valid, maskable) for r in rates])
+        bar = tqdm(total=len(windows), desc="Teacher masks (search)", disable=not progress, unit="window")
+        masks = greedy_search_masks(reconstructor, windows, budgets, valid, force_keep, max(batch_size, 64), progress=bar.update)
+        bar.close()
+    else:
+        method = BASELINES[teacher]
+        chunks = [slice(i, min(i + 256, len(windows))) for i in range(0, len(windows), 256)]
+        masks = np.zeros((len(rates), *windows.shape), dtype=bool)
+        bar = tqdm(total=len(rates) * len(chunks), desc=f"Teacher masks ({teacher})", disable=not progress, unit="batch")
+        for r, rate in enumerate(rates):
+            for sl in chunks:
+                masks[r, sl] = method(windows[sl], float(rate), context, valid[sl], force_keep[sl])
+                bar.update(1)
+        bar.close()
+    if cache_dir != "":
+        folder.mkdir(parents=True, exist_ok=True)
+        partial = path.with_name(f"{path.stem}.{os.getpid()}.partial.npy")
+        np.save(partial, masks)
+        partial.replace(path)
+    return masks
+
+
 def distill_policy(
     policy: Any,
     reconstructor: Reconstructor,
@@ -69,6 +189,10 @@ def distill_policy(
     observe_surprisal: bool = False,
     on_policy_fraction: float = 0.5,
     target: str = "rank",
+    teacher: str = SURPRISAL_TEACHER,
+    teacher_windows: int = 1024,
+    teacher_rates: int = 7,
+    units: str | None = None,
     scoring_dtype: str = "float32",
     seed: int = 0,
     progress: bool = True,
@@ -94,6 +218,13 @@ def distill_policy(
     :param target: ``"rank"``: binary cross-entropy against the labels of the ``rate_budget`` cheapest
         tokens; ``"cost"``: regression of ``-logit`` on each token's surprisal (bits, clipped at 20) given
         the compressed context, so the logits rank tokens by their predicted cost at every rate
+    :param teacher: ``"surprisal"`` (the labels above) or a masking method that queries the
+        reconstructor, whose masks on ``teacher_windows`` training windows at ``teacher_rates`` rates
+        are the labels (:func:`teacher_masks`; needs ``target="rank"``)
+    :param teacher_windows: training windows the method teacher masks (:func:`teacher_pool`: a fixed
+        random subset, the same for every seed; all when there are fewer)
+    :param teacher_rates: rates of the method teacher, evenly spaced over the mask rate range
+    :param units: units of the method teacher's masks (the env's ``units``)
     :param scoring_dtype: precision of the reconstructor's forward passes that make the labels (see
         :func:`~tokencompress_env.reconstructor.resolve_scoring_dtype`; ``auto``: bfloat16 where native)
     :param seed: seed of batches, rates and random contexts
@@ -109,6 +240,14 @@ def distill_policy(
     """
     if target not in DISTILL_TARGETS:
         raise ValueError(f"target must be one of {DISTILL_TARGETS}, got '{target}'")
+    if teacher not in DISTILL_TEACHERS:
+        raise ValueError(f"teacher must be one of {DISTILL_TEACHERS}, got '{teacher}'")
+    if teacher != SURPRISAL_TEACHER and target != "rank":
+        raise ValueError(f"a method teacher ('{teacher}') gives masks, not costs: use target='rank'")
+    if teacher != SURPRISAL_TEACHER:
+        pool = teacher_pool(len(windows), teacher_windows)
+        grid = teacher_rate_grid(mask_rate_min, mask_rate_max, teacher_rates)
+        expert = teacher_masks(teacher, reconstructor, windows[pool], valid[pool], force_keep[pool], grid, units, progress=progress)
     generator = th.Generator().manual_seed(seed + start_step)
     device = policy.device
     teacher_dtype = resolve_scoring_dtype(scoring_dtype, reconstructor.device)
@@ -122,24 +261,36 @@ def distill_policy(
     policy.set_training_mode(True)
     bar = tqdm(range(start_step, steps), desc="Distilling policy", disable=not progress, unit="step", initial=start_step, total=steps)
     for step in bar:
-        idx = th.randint(0, len(windows), (batch_size,), generator=generator).numpy()
+        if teacher == SURPRISAL_TEACHER:
+            idx = th.randint(0, len(windows), (batch_size,), generator=generator).numpy()
+            rate = mask_rate_min + (mask_rate_max - mask_rate_min) * th.rand(batch_size, generator=generator)
+        else:
+            row = th.randint(0, len(pool), (batch_size,), generator=generator).numpy()
+            column = th.randint(0, len(grid), (batch_size,), generator=generator).numpy()
+            idx = pool[row]
+            rate = th.as_tensor(grid[column], dtype=th.float32)
         ids = th.as_tensor(windows[idx], dtype=th.long)
         keep = th.as_tensor(force_keep[idx], dtype=th.bool)
         real = th.as_tensor(valid[idx], dtype=th.bool)
-        rate = mask_rate_min + (mask_rate_max - mask_rate_min) * th.rand(batch_size, generator=generator)
         maskable = ~keep & real
         bits = reconstructor.surprisal(ids, real, dtype=teacher_dtype).cpu().float().numpy() if observe_surprisal else None
         obs = build_observation(ids.numpy(), real.numpy(), keep.numpy(), rate.numpy(), bits)
         obs_t = {k: th.as_tensor(v).to(device).float() for k, v in obs.items()}
         logits = policy.token_mask_logits(obs_t, exclude_invalid=False)
-        context = th.rand(ids.shape, generator=generator) < rate[:, None]
-        n_on_policy = round(batch_size * on_policy_fraction) if step > 0 else 0
-        if n_on_policy:
-            own = cheapest_tokens(-logits.detach().cpu()[:n_on_policy], real[:n_on_policy], maskable[:n_on_policy], rate[:n_on_policy]) > 0
-            context[:n_on_policy] = own
-        with th.no_grad():
-            scores = reconstructor.score(ids, context, real, dtype=teacher_dtype)
-        labels = cheapest_tokens(scores.surprisal.cpu(), real, maskable, rate)
+        if teacher == SURPRISAL_TEACHER:
+            context = th.rand(ids.shape, generator=generator) < rate[:, None]
+            n_on_policy = round(batch_size * on_policy_fraction) if step > 0 else 0
+            if n_on_policy:
+                own = (
+                    cheapest_tokens(-logits.detach().cpu()[:n_on_policy], real[:n_on_policy], maskable[:n_on_policy], rate[:n_on_policy])
+                    > 0
+                )
+                context[:n_on_policy] = own
+            with th.no_grad():
+                scores = reconstructor.score(ids, context, real, dtype=teacher_dtype)
+            labels = cheapest_tokens(scores.surprisal.cpu(), real, maskable, rate)
+        else:
+            labels = th.as_tensor(expert[column, row], dtype=th.float32)
         weight = maskable.to(device).float()
         if target == "cost":
             cost = scores.surprisal.to(device).float().clamp(max=20.0) / COST_SCALE

@@ -8,7 +8,10 @@ Each *variant* is the base training config with a few keys changed (:data:`VARIA
 * ``distill_ppo_frozen``: the same with the reconstructor frozen (no joint fine-tuning);
 * ``distill_ppo_decisions``: the full method with a policy that sees its earlier decisions;
 * ``distill_token_ppo``: the warm start, then PPO with per-token advantages (:mod:`agents.token_ppo`)
-  jointly with the reconstructor.
+  jointly with the reconstructor;
+* ``greedy_teacher_only``: the warm start imitates the masks of the ``greedy_threshold`` heuristic
+  (``distill_teacher``, :func:`agents.distill.teacher_masks`) instead of the surprisal labels, no RL;
+* ``greedy_teacher_ppo``: that warm start, then PPO jointly with the reconstructor.
 
 Every variant is trained with every seed (``runs/ablate/<variant>__s<seed>``; finished runs are reused, so
 an interrupted ablation continues where it stopped) and evaluated with :mod:`experiments.evaluate` on the
@@ -25,7 +28,7 @@ starts fresh), so each seed distils twice (the decision-aware policy has its own
 
 Examples::
 
-    python -m experiments.ablate                                          # 5 variants x 3 seeds
+    python -m experiments.ablate                                          # every variant x 3 seeds
     for s in 0 1 2; do python -m experiments.ablate --seeds $s --train_only true & done; wait   # one process per seed
     python -m experiments.ablate                                          # then: evaluate the finished runs
     python -m experiments.ablate --base_config experiments/configs/dev/debug.json --seeds 0 --max_windows 8   # seconds
@@ -60,12 +63,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill_ppo_frozen": {"joint_training": False},
     "distill_ppo_decisions": {"use_decisions": True},
     "distill_token_ppo": {"algo": "token_ppo", "distill_steps": 0},
+    "greedy_teacher_only": {"total_timesteps": 0, "distill_teacher": "greedy_threshold"},
+    "greedy_teacher_ppo": {"distill_teacher": "greedy_threshold"},
 }
 
-#: Variants that continue the ``distill_only`` run of their seed rather than distilling again.
-SHARED_DISTILLATION = ("distill_ppo", "distill_ppo_frozen")
-#: Variants of another algorithm that start from the distilled policy of the seed's ``distill_only`` run.
-INIT_FROM_DISTILLATION = ("distill_token_ppo",)
+#: Variants that continue the finished distillation-only run of their seed (the value) rather than distilling again.
+SHARED_DISTILLATION = {"distill_ppo": "distill_only", "distill_ppo_frozen": "distill_only", "greedy_teacher_ppo": "greedy_teacher_only"}
+#: Variants of another algorithm that start from the distilled policy of the seed's distillation-only run (the value).
+INIT_FROM_DISTILLATION = {"distill_token_ppo": "distill_only"}
 
 
 @dataclass
@@ -146,7 +151,7 @@ def _branch_from_distillation(source: Path, target: Path, values: dict[str, Any]
 def train_variant(config: AblateConfig, variant: str, seed: int) -> Path:
     """Train one variant with one seed (reusing a finished run, resuming an interrupted one).
 
-    The variants of :data:`SHARED_DISTILLATION` continue the finished ``distill_only`` run of the same seed
+    The variants of :data:`SHARED_DISTILLATION` continue the finished distillation-only run of the same seed
     (trained first when missing) instead of distilling again: the same distilled policy, so that their
     differences come from what follows the distillation alone.
 
@@ -159,13 +164,13 @@ def train_variant(config: AblateConfig, variant: str, seed: int) -> Path:
     values |= {"run_name": run_name(variant, seed), "runs_dir": config.runs_dir, "seed": seed, "device": config.device}
     values["progress_bar"] = config.progress_bar
     if variant in INIT_FROM_DISTILLATION:
-        values["init_policy"] = str(train_variant(config, "distill_only", seed))
+        values["init_policy"] = str(train_variant(config, INIT_FROM_DISTILLATION[variant], seed))
     train_config = build_config(TrainConfig, values, where=f"variant '{variant}'")
     run_dir = train_config.run_dir
     if is_finished_run(run_dir):
         return run_dir
     if variant in SHARED_DISTILLATION and train_config.distill_steps > 0 and not run_dir.exists():
-        source = train_variant(config, "distill_only", seed)
+        source = train_variant(config, SHARED_DISTILLATION[variant], seed)
         resolved = asdict(train_config)
         resolved.pop("trust_agent_pickle", None)
         _branch_from_distillation(source, run_dir, resolved)

@@ -94,9 +94,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     batches = [windows[rng.choice(len(windows), n)] for _ in range(args.episodes)]
     masks = [rng.random((n, length)) < 0.5 for _ in batches]
     model = recon.inference_model(dtype)
-    inputs = [recon.compressed_inputs(torch.as_tensor(b), torch.as_tensor(m)) for b, m in zip(batches, masks, strict=True)]
+    inputs = [recon.compressed_inputs(torch.as_tensor(b), torch.as_tensor(m)).to(recon.device) for b, m in zip(batches, masks, strict=True)]
 
-    ones = torch.ones((n, length), dtype=torch.long)
+    ones = torch.ones((n, length), dtype=torch.long, device=recon.device)
 
     def bare() -> None:
         for x in inputs:

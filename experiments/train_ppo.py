@@ -46,7 +46,7 @@ from stable_baselines3.common.vec_env import VecMonitor
 
 from agents.algorithms import canonical_name, load_model, make_model
 from agents.artifact import load_policy_artifact
-from agents.distill import DISTILL_TARGETS, distill_policy
+from agents.distill import DISTILL_TARGETS, DISTILL_TEACHERS, SURPRISAL_TEACHER, distill_policy
 from callbacks.checkpoint import (
     JointCheckpointCallback,
     load_checkpoint_state,
@@ -91,6 +91,8 @@ POSITIVE_INTS = (
     "n_epochs",
     "embed_dim",
     "distill_batch_size",
+    "distill_teacher_windows",
+    "distill_teacher_rates",
     "reconstructor_steps",
     "reconstructor_batch_size",
     "reconstructor_grad_accum",
@@ -196,6 +198,16 @@ class TrainConfig:
         "'rank' (learn the labels of the cheapest tokens at the window's rate) or 'cost' (regress each token's "
         "surprisal given a compressed context)",
     )
+    distill_teacher: str = option(
+        "surprisal",
+        "'surprisal' (labels: the cheapest tokens under the reconstructor in compressed contexts) or a masking method that "
+        "queries the reconstructor ('greedy_threshold', 'search', 'self_information', 'iterative_self_information') whose "
+        "masks on training windows the policy learns to reproduce (needs distill_target 'rank'; masks cached on disk)",
+    )
+    distill_teacher_windows: int = option(
+        1024, "training windows a method teacher masks (a fixed random subset, the same for every seed, so seeds share the cached masks)"
+    )
+    distill_teacher_rates: int = option(7, "rates of a method teacher's masks, evenly spaced over the mask rate range")
     distill_save_freq: int = option(100, "distillation steps between checkpoints (0: only at the end of distillation and on Ctrl-C)")
     joint_training: bool = option(True, "fine-tune the reconstructor between rollouts")
     reconstructor_lr: float = option(5e-5, "learning rate of the reconstructor fine-tuning")
@@ -245,6 +257,10 @@ class TrainConfig:
             raise ConfigError(f"seq_len ({self.seq_len}) must be a multiple of chunk_size ({self.chunk_size})")
         if self.distill_target not in DISTILL_TARGETS:
             raise ConfigError(f"distill_target must be one of {', '.join(DISTILL_TARGETS)}, got '{self.distill_target}'")
+        if self.distill_teacher not in DISTILL_TEACHERS:
+            raise ConfigError(f"distill_teacher must be one of {', '.join(DISTILL_TEACHERS)}, got '{self.distill_teacher}'")
+        if self.distill_teacher != SURPRISAL_TEACHER and self.distill_target != "rank":
+            raise ConfigError(f"distill_teacher '{self.distill_teacher}' gives masks, not costs: use distill_target 'rank'")
         if self.scoring_dtype not in SCORING_DTYPES:
             raise ConfigError(f"scoring_dtype must be one of {', '.join(SCORING_DTYPES)}, got '{self.scoring_dtype}'")
         if self.distill_save_freq < 0:
@@ -510,6 +526,10 @@ def _distill(
             batch_size=config.distill_batch_size,
             learning_rate=config.distill_lr,
             target=config.distill_target,
+            teacher=config.distill_teacher,
+            teacher_windows=config.distill_teacher_windows,
+            teacher_rates=config.distill_teacher_rates,
+            units=config.units,
             scoring_dtype=config.scoring_dtype,
             mask_rate_min=config.mask_rate_min,
             mask_rate_max=config.mask_rate_max,

@@ -9,9 +9,12 @@ import numpy as np
 import pytest
 import torch as th
 
-from agents.distill import cheapest_tokens, distill_policy
+import agents.distill as distill_module
+from agents.distill import cheapest_tokens, distill_policy, teacher_masks, teacher_rate_grid
 from agents.policy import TokenActorCriticPolicy
+from tokencompress_env.baselines import BASELINES, SEARCH, MethodContext, rate_budget
 from tokencompress_env.observation import build_observation, make_spaces
+from tokencompress_env.reconstructor import Reconstructor
 
 SEQ_LEN, VOCAB, A, B = 32, 64, 1, 2
 
@@ -184,3 +187,125 @@ def test_distillation_labels_are_the_cheapest_tokens_and_agreement_rises(monkeyp
                 assert cost[row].max() < cost[maskable & ~row].min()  # the k cheapest, no others
     agreement = recorder.scalars["distill/label_agreement"]
     assert agreement[0] < 0.5 and report["label_agreement"] > 0.7 and np.mean(agreement[-3:]) > agreement[0] + 0.3, agreement
+
+
+def test_teacher_rate_grid_spans_the_rate_range() -> None:
+    assert teacher_rate_grid(0.2, 0.8, 7).tolist() == [0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8]
+    assert teacher_rate_grid(0.2, 0.8, 1).tolist() == [0.5]
+    with pytest.raises(ValueError):
+        teacher_rate_grid(0.2, 0.8, 0)
+
+
+def test_teacher_masks_are_the_methods_masks_and_come_from_the_cache(
+    test_reconstructor: Reconstructor, test_windows: dict[str, np.ndarray], tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    windows = test_windows["train"][:6]
+    valid = np.ones(windows.shape, dtype=bool)
+    force_keep = np.zeros(windows.shape, dtype=bool)
+    force_keep[:, 0] = True
+    rates = np.array([0.25, 0.5])
+    masks = teacher_masks("self_information", test_reconstructor, windows, valid, force_keep, rates, cache_dir=tmp_path, progress=False)
+    context = MethodContext(reconstructor=test_reconstructor)
+    for r, rate in enumerate(rates):
+        expected = BASELINES["self_information"](windows, float(rate), context, valid, force_keep)
+        assert np.array_equal(masks[r], expected)
+        assert np.array_equal(masks[r].sum(axis=1), rate_budget(float(rate), valid, valid & ~force_keep))
+        assert not masks[r][:, 0].any()
+
+    def refuse(*args: Any, **kwargs: Any) -> np.ndarray:
+        raise AssertionError("recomputed a cached teacher")
+
+    monkeypatch.setitem(BASELINES, "self_information", refuse)
+    again = teacher_masks("self_information", test_reconstructor, windows, valid, force_keep, rates, cache_dir=tmp_path, progress=False)
+    assert np.array_equal(again, masks)
+    with pytest.raises(AssertionError, match="recomputed"):  # other rates: another question, not read from the cache
+        teacher_masks("self_information", test_reconstructor, windows, valid, force_keep, rates[:1], cache_dir=tmp_path, progress=False)
+    with pytest.raises(ValueError, match="queries the reconstructor"):
+        teacher_masks("frequency", test_reconstructor, windows, valid, force_keep, rates, cache_dir=tmp_path, progress=False)
+
+
+def test_search_teacher_masks_are_nested_over_rates(test_reconstructor: Reconstructor, test_windows: dict[str, np.ndarray]) -> None:
+    windows = test_windows["train"][:2, :16]
+    valid = np.ones(windows.shape, dtype=bool)
+    none = np.zeros(windows.shape, dtype=bool)
+    masks = teacher_masks(SEARCH, test_reconstructor, windows, valid, none, np.array([0.25, 0.5]), cache_dir="", progress=False)
+    assert masks[0].sum(axis=1).tolist() == [4, 4] and masks[1].sum(axis=1).tolist() == [8, 8]
+    assert not (masks[0] & ~masks[1]).any()  # the higher rate's drops include the lower rate's
+
+
+def test_distillation_imitates_a_method_teachers_masks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With a method teacher the labels are its masks (here: a planted teacher that drops each B after an A) of the
+    sampled window at the sampled grid rate, and the policy learns to reproduce them."""
+    train, held_out = planted_windows(256, seed=0), planted_windows(64, seed=1)
+    asked: dict[str, Any] = {}
+    targets: list[th.Tensor] = []
+    observed_rates: list[th.Tensor] = []
+
+    def planted_teacher(
+        teacher: str,
+        reconstructor: Any,
+        windows: np.ndarray,
+        valid: np.ndarray,
+        force_keep: np.ndarray,
+        rates: np.ndarray,
+        *args: Any,
+        **kwargs: Any,
+    ) -> np.ndarray:
+        asked.update(teacher=teacher, windows=windows, rates=rates)
+        ids = th.as_tensor(windows)
+        planted = (ids == B) & (th.nn.functional.pad(ids, (1, 0), value=0)[:, :-1] == A)
+        return np.repeat(planted.numpy()[None], len(rates), axis=0)
+
+    bce = th.nn.functional.binary_cross_entropy_with_logits
+    original_observation = distill_module.build_observation
+
+    def spy(logits: th.Tensor, target: th.Tensor, **kwargs: Any) -> th.Tensor:
+        targets.append(target.detach().clone())
+        return bce(logits, target, **kwargs)
+
+    def observation_spy(ids: np.ndarray, valid: np.ndarray, keep: np.ndarray, rate: Any, bits: Any = None) -> dict[str, np.ndarray]:
+        observed_rates.append(th.as_tensor(rate))
+        return original_observation(ids, valid, keep, rate, bits)
+
+    monkeypatch.setattr(distill_module, "teacher_masks", planted_teacher)
+    monkeypatch.setattr(distill_module, "build_observation", observation_spy)
+    monkeypatch.setattr(th.nn.functional, "binary_cross_entropy_with_logits", spy)
+    policy = _policy()
+    before = _planted_recall(policy, held_out)
+    report = distill_policy(
+        policy,
+        PlantedScorer(),  # type: ignore[arg-type]  (never queried: the teacher's masks are the labels)
+        train,
+        np.ones(train.shape, dtype=bool),
+        np.zeros(train.shape, dtype=bool),
+        steps=150,
+        batch_size=16,
+        learning_rate=3e-3,
+        mask_rate_min=0.1,
+        mask_rate_max=0.3,
+        teacher="greedy_threshold",
+        teacher_windows=200,
+        teacher_rates=3,
+        progress=False,
+    )
+    assert asked["teacher"] == "greedy_threshold" and len(asked["windows"]) == 200
+    assert asked["rates"].tolist() == [0.1, 0.2, 0.3]
+    pool = {row.tobytes() for row in asked["windows"]}
+    ids_seen = 0
+    for labels in targets:
+        assert set(labels.unique().tolist()) <= {0.0, 1.0}
+        assert labels.sum(dim=1).min() >= 1  # every planted window has three planted drops
+        ids_seen += len(labels)
+    assert ids_seen == 150 * 16
+    assert all(set(np.round(rates.double().numpy(), 4).tolist()) <= {0.1, 0.2, 0.3} for rates in observed_rates)
+    assert len(pool) > 150  # the pool is a subset of the training windows, not one window repeated
+    assert before < 0.5 and _planted_recall(policy, held_out) > 0.9, report
+
+
+def test_distillation_rejects_a_method_teacher_with_the_cost_target() -> None:
+    train = planted_windows(4, seed=0)
+    ones = np.ones(train.shape, dtype=bool)
+    with pytest.raises(ValueError, match="target='rank'"):
+        distill_policy(_policy(), PlantedScorer(), train, ones, ~ones, steps=1, teacher="greedy_threshold", target="cost", progress=False)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="teacher must be one of"):
+        distill_policy(_policy(), PlantedScorer(), train, ones, ~ones, steps=1, teacher="oracle", progress=False)  # type: ignore[arg-type]
