@@ -6,7 +6,9 @@ Scalars (means over the episodes that ended in the rollout):
   (mean absolute difference), ``compression/keep_all_fraction`` and ``compression/mask_all_fraction``
   (episodes that collapsed to keeping or dropping everything);
 * ``compression/bits_per_masked_token`` and ``compression/recovery_accuracy`` (of the dropped tokens);
-* ``reward/tokens`` and ``reward/rate`` (per step, the two parts of the reward);
+* ``reward/tokens`` and ``reward/rate`` (per step, the two parts of the reward), and with the continuation
+  reward ``reward/continuation`` (per step: nonzero at episodes' ends) and ``compression/continuation_cost``
+  (per episode, bits of the continuation given the deleted window minus given the full window);
 * ``system/rss_mb`` and ``system/steps_per_second``.
 
 SB3 itself logs the policy entropy (``train/entropy_loss``), losses and ``time/fps``.
@@ -59,7 +61,7 @@ class CompressionMetricsCallback(BaseCallback):
         infos: list[dict[str, Any]] = self.locals.get("infos", [])
         dones = self.locals.get("dones", np.zeros(len(infos), dtype=bool))
         for info, done in zip(infos, dones):
-            for key in ("reward_tokens", "reward_rate"):
+            for key in ("reward_tokens", "reward_rate", "reward_continuation"):
                 if key in info:
                     self._steps[key].append(float(info[key]))
             if not done or "mask_rate" not in info:
@@ -70,6 +72,8 @@ class CompressionMetricsCallback(BaseCallback):
             self._episodes["rate_error"].append(abs(rate - target))
             self._episodes["keep_all_fraction"].append(float(rate == 0.0))
             self._episodes["mask_all_fraction"].append(float(rate == 1.0))
+            if "continuation_deleted" in info:
+                self._episodes["continuation_cost"].append(float(info["continuation_deleted"]) - float(info["continuation_full"]))
             n_masked = float(info.get("n_masked", 0))
             if n_masked > 0:
                 self._episodes["bits_per_masked_token"].append(float(info["masked_bits_total"]) / n_masked)

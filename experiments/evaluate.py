@@ -89,7 +89,7 @@ from tokencompress_env.evaluation import (
 )
 from tokencompress_env.options import option, option_factory
 from tokencompress_env.presets import load_or_build
-from tokencompress_env.reconstructor import BUILD_INFO, Reconstructor, parse_device, resolve_device
+from tokencompress_env.reconstructor import BUILD_INFO, Reconstructor, downstream_context_tokens, parse_device, resolve_device
 from tokencompress_env.run_loading import RunBundle
 from tokencompress_env.units import check_units
 
@@ -229,31 +229,6 @@ def build_info(reconstructor_dir: Path | None) -> dict[str, Any]:
     except json.JSONDecodeError:
         return {}
     return info if isinstance(info, dict) else {}
-
-
-def downstream_context_tokens(lm: Reconstructor, info: dict[str, Any], continuation_tokens: int, requested: int | None) -> int:
-    """How many context tokens the downstream LM reads before a continuation.
-
-    Context plus continuation stay within the window length the LM was trained on (``build_config.seq_len``
-    of its build facts; its whole context when unknown, e.g. for a hub model): at positions it never
-    saw in training a small LM predicts worse, so a longer context would blur the reading.
-
-    :param lm: the downstream LM
-    :param info: its build facts (``tokencompress.json``), or ``{}``
-    :param continuation_tokens: continuation tokens per window
-    :param requested: an explicit cap (``--downstream_context``), itself capped by the model's context
-    :return: context tokens (at least 0)
-    :raises ConfigError: when the continuation alone does not fit
-    """
-    built = info.get("build_config") if isinstance(info.get("build_config"), dict) else {}
-    trained = int(built.get("seq_len") or lm.max_seq_len) if isinstance(built, dict) else lm.max_seq_len
-    room = min(trained, lm.max_seq_len) - continuation_tokens
-    if room < 0 or (requested is not None and requested + continuation_tokens > lm.max_seq_len):
-        raise ConfigError(
-            f"{continuation_tokens} continuation tokens (plus {requested or 0} context tokens) exceed the downstream LM's "
-            f"context of {min(trained, lm.max_seq_len)} tokens: pass a smaller --continuation_tokens or --downstream_context"
-        )
-    return room if requested is None else int(requested)
 
 
 def spread_index(n: int, max_windows: int | None) -> np.ndarray:

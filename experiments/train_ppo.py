@@ -109,6 +109,7 @@ ENV_OPTIONS = (
     "mask_rate_max",
     "bits_saved_per_mask",
     "rate_penalty",
+    "continuation_tokens",
     "observe_surprisal",
     "keep_digits",
     "units",
@@ -161,6 +162,7 @@ class TrainConfig:
     mask_rate_max: float = option_of(EnvConfig, "mask_rate_max")
     bits_saved_per_mask: float = option_of(EnvConfig, "bits_saved_per_mask")
     rate_penalty: float | None = option_of(EnvConfig, "rate_penalty")
+    continuation_tokens: int = option_of(EnvConfig, "continuation_tokens")
     observe_surprisal: bool = option_of(EnvConfig, "observe_surprisal")
     keep_digits: bool = option_of(EnvConfig, "keep_digits")
     units: str = option_of(EnvConfig, "units")
@@ -266,6 +268,7 @@ class TrainConfig:
         if self.distill_save_freq < 0:
             raise ConfigError(f"distill_save_freq must be >= 0 (0: only at the end of distillation), got {self.distill_save_freq}")
         check_units(self.units)
+        self.env_config()  # the environment options together (e.g. continuation_tokens against seq_len), before anything runs
         if not self.run_name.strip() or self.run_name.strip() in {".", ".."} or Path(self.run_name).is_absolute():
             raise ConfigError(f"run_name must name a folder inside --runs_dir, got {self.run_name!r}: pass e.g. --run_name my_run")
         parse_device(self.device)  # whether this machine has it: checked when the run starts (train)

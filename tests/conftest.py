@@ -12,17 +12,19 @@ from __future__ import annotations
 import os
 import shutil
 import socket
+import types
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from tokencompress_env.data import CorpusSpec, prepare_corpus, window_array
-from tokencompress_env.reconstructor import Reconstructor, default_reconstructor_dir
+from tokencompress_env.reconstructor import CACHE_ARG, Reconstructor, default_reconstructor_dir
 
 #: Window length used with the test reconstructor.
 TEST_SEQ_LEN = 64
@@ -82,3 +84,33 @@ def refuse_connections(monkeypatch: pytest.MonkeyPatch) -> list[object]:
     monkeypatch.setattr(socket.socket, "connect", refuse)
     monkeypatch.setattr(socket.socket, "connect_ex", refuse)
     return attempts
+
+
+class KeyTokenLM(torch.nn.Module):
+    """A toy causal LM: once ``key`` has been read, it predicts ``answer`` with near certainty; before, uniform.
+
+    It takes the reconstructor's KV-cache protocol too (the cache is whether each row has read ``key``),
+    so that an env can score windows with it chunk by chunk.
+    """
+
+    def __init__(self, vocab: int, key: int, answer: int) -> None:
+        super().__init__()
+        self.config = types.SimpleNamespace(model_type="toy", n_positions=512)
+        self.vocab, self.key, self.answer = vocab, key, answer
+        self.dtype = torch.float32
+        self.head = torch.nn.Linear(1, vocab, bias=False)  # its weight gives the vocabulary size only
+
+    def get_output_embeddings(self) -> torch.nn.Module:
+        return self.head
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = False, **kwargs: object) -> object:
+        read = attention_mask[:, -input_ids.shape[1] :].bool()
+        seen = ((input_ids == self.key) & read).long().cumsum(dim=1) > 0
+        past = kwargs.get(CACHE_ARG)
+        if isinstance(past, torch.Tensor):
+            seen = seen | past[:, None]
+        logits = torch.zeros((*input_ids.shape, self.vocab))
+        logits[..., self.answer] = torch.where(seen, 12.0, 0.0)
+        out = types.SimpleNamespace(logits=logits)
+        setattr(out, CACHE_ARG, seen[:, -1] if use_cache else None)
+        return out

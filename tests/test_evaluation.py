@@ -8,15 +8,14 @@ import os
 import shutil
 import subprocess
 import sys
-import types
 from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from experiments.config import cli_main
 from experiments.evaluate import EvaluateConfig, downstream_context_tokens, file_windows, load_run, main, spread
+from tests.conftest import KeyTokenLM
 from tokencompress_env.baselines import BASELINES, MethodContext, token_frequencies
 from tokencompress_env.data import window_continuations
 from tokencompress_env.errors import ConfigError, InputError
@@ -263,26 +262,10 @@ def test_window_continuations_stay_in_their_document() -> None:
     assert ok.tolist() == [True, False, False, False, False] and cont[0].tolist() == [4, 5, 6, 7, 8, 9]
 
 
-class _KeyTokenLM(torch.nn.Module):
-    """A toy causal LM: once ``key`` has been read, it predicts ``answer`` with near certainty; before, uniform."""
-
-    def __init__(self, vocab: int, key: int, answer: int) -> None:
-        super().__init__()
-        self.config = types.SimpleNamespace(model_type="toy", n_positions=512)
-        self.vocab, self.key, self.answer = vocab, key, answer
-        self.dtype = torch.float32
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, use_cache: bool = False, **kwargs: object) -> object:
-        seen = ((input_ids == self.key) & attention_mask.bool()).long().cumsum(dim=1) > 0
-        logits = torch.zeros((*input_ids.shape, self.vocab))
-        logits[..., self.answer] = torch.where(seen, 12.0, 0.0)
-        return types.SimpleNamespace(logits=logits)
-
-
 def test_deleting_the_key_token_raises_the_continuation_bits(test_reconstructor: Reconstructor) -> None:
     tok = test_reconstructor.tokenizer
     key, answer = 100, 200
-    lm = Reconstructor(_KeyTokenLM(len(tok), key, answer), tok, device="cpu")  # type: ignore[arg-type]
+    lm = Reconstructor(KeyTokenLM(len(tok), key, answer), tok, device="cpu")  # type: ignore[arg-type]
     windows = np.tile(np.arange(300, 316), (3, 1))
     windows[:, 5] = key
     continuations = np.full((3, 6), answer)
@@ -311,7 +294,7 @@ def test_the_downstream_context_is_cut_to_its_most_recent_tokens(test_reconstruc
     """A key token 10 tokens before the window's end helps only a reader that reads at least 10 tokens."""
     tok = test_reconstructor.tokenizer
     key, answer = 100, 200
-    lm = Reconstructor(_KeyTokenLM(len(tok), key, answer), tok, device="cpu")  # type: ignore[arg-type]
+    lm = Reconstructor(KeyTokenLM(len(tok), key, answer), tok, device="cpu")  # type: ignore[arg-type]
     windows = np.arange(300, 316)[None, :].copy()
     windows[0, 6] = key  # 10 tokens from the end
     continuations = np.full((1, 6), answer)

@@ -20,7 +20,7 @@ import gymnasium as gym
 import numpy as np
 from gymnasium.error import ResetNeeded
 
-from tokencompress_env.data import CorpusSpec, prepare_corpus, tokenizer_id, window_array
+from tokencompress_env.data import CorpusSpec, prepare_corpus, tokenizer_id, window_array, window_continuations, window_doc_ids
 from tokencompress_env.env_config import EnvConfig, check_option_types
 from tokencompress_env.errors import ConfigError, DataSourceError, InputError
 from tokencompress_env.observation import MAX_SURPRISAL_BITS, Decision, build_observation, make_spaces
@@ -36,7 +36,7 @@ SPLITS = ("train", "validation", "test")
 RESET_OPTIONS = ("target_mask_rate", "window_index")
 
 _RECONSTRUCTORS: dict[tuple[str, str], Reconstructor] = {}
-_CORPORA: dict[tuple[str, str, int, str, str], np.ndarray] = {}
+_CORPORA: dict[tuple[str, str, int, str, str], tuple[np.ndarray, np.ndarray]] = {}
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -49,12 +49,15 @@ class WindowSet:
     :param force_keep: ``True`` where a token must be kept (always ``False`` at padding; covers whole units)
     :param heads: position of the first token of each token's unit (:mod:`tokencompress_env.units`);
         ``None``: every token is a unit of its own
+    :param continuations: ``[N, continuation_tokens]`` the tokens following each window (continuation
+        reward only; ``None`` otherwise)
     """
 
     token_ids: np.ndarray
     valid: np.ndarray
     force_keep: np.ndarray
     heads: np.ndarray | None = None
+    continuations: np.ndarray | None = None
 
     def __len__(self) -> int:
         return int(self.token_ids.shape[0])
@@ -75,8 +78,29 @@ def load_reconstructor(name_or_path: str | Path, device: str = "auto") -> Recons
     return _RECONSTRUCTORS[key]
 
 
+def corpus_windows_with_docs(corpus: str, split: str, seq_len: int, reconstructor: Reconstructor) -> tuple[np.ndarray, np.ndarray]:
+    """Windows of one split of a corpus in the reconstructor's tokenizer and their documents (prepared and cached on disk once).
+
+    :param corpus: corpus source (see :func:`tokencompress_env.data.load_documents`)
+    :param split: ``"train"``, ``"validation"`` or ``"test"``
+    :param seq_len: tokens per window
+    :param reconstructor: whose tokenizer cuts the windows
+    :return: ``[N, seq_len]`` int64 token ids, in document order, and ``[N]`` their document ids
+    """
+    if split not in SPLITS:
+        raise ConfigError(f"split must be one of {SPLITS}, got '{split}'")
+    key = (corpus, split, seq_len, tokenizer_id(reconstructor.tokenizer), str(cache_root()))
+    if key not in _CORPORA:
+        windows = prepare_corpus(CorpusSpec(source=corpus, seq_len=seq_len), reconstructor.tokenizer)
+        _CORPORA[key] = (window_array(windows[split]), window_doc_ids(windows[split]))
+    array, docs = _CORPORA[key]
+    if array.shape[0] == 0:
+        raise DataSourceError(f"corpus '{corpus}' has no {seq_len}-token window in its '{split}' split: use a shorter seq_len or more text")
+    return array, docs
+
+
 def corpus_windows(corpus: str, split: str, seq_len: int, reconstructor: Reconstructor) -> np.ndarray:
-    """Windows of one split of a corpus in the reconstructor's tokenizer (prepared and cached on disk once).
+    """Windows of one split of a corpus in the reconstructor's tokenizer (:func:`corpus_windows_with_docs` without the documents).
 
     :param corpus: corpus source (see :func:`tokencompress_env.data.load_documents`)
     :param split: ``"train"``, ``"validation"`` or ``"test"``
@@ -84,16 +108,7 @@ def corpus_windows(corpus: str, split: str, seq_len: int, reconstructor: Reconst
     :param reconstructor: whose tokenizer cuts the windows
     :return: ``[N, seq_len]`` int64 token ids
     """
-    if split not in SPLITS:
-        raise ConfigError(f"split must be one of {SPLITS}, got '{split}'")
-    key = (corpus, split, seq_len, tokenizer_id(reconstructor.tokenizer), str(cache_root()))
-    if key not in _CORPORA:
-        windows = prepare_corpus(CorpusSpec(source=corpus, seq_len=seq_len), reconstructor.tokenizer)
-        _CORPORA[key] = window_array(windows[split])
-    array = _CORPORA[key]
-    if array.shape[0] == 0:
-        raise DataSourceError(f"corpus '{corpus}' has no {seq_len}-token window in its '{split}' split: use a shorter seq_len or more text")
-    return array
+    return corpus_windows_with_docs(corpus, split, seq_len, reconstructor)[0]
 
 
 def pad_windows(
@@ -273,9 +288,7 @@ class TokenMaskCore:
         self._needs_rebuild = False
 
     def _zero_outcome(self) -> StepOutcome:
-        zeros = np.zeros(self.batch_size, dtype=np.float64)
-        token_zeros = np.zeros((self.batch_size, self.chunk_size), dtype=np.float64)
-        return StepOutcome(reward=zeros, reward_tokens=zeros, reward_rate=zeros, masked_bits=zeros, token_reward=token_zeros)
+        return StepOutcome.zeros(self.batch_size, self.chunk_size)
 
     @property
     def steps_per_episode(self) -> int:
@@ -322,7 +335,8 @@ class TokenMaskCore:
         np.logical_and(self.valid, ~self.force_keep, out=self.maskable)
         self.decisions.fill(Decision.UNDECIDED)
         self.position = 0
-        self.scorer.begin(np.asarray(target, dtype=np.float64), self.valid.sum(1))
+        continuations = None if self.windows.continuations is None else self.windows.continuations[idx]
+        self.scorer.begin(np.asarray(target, dtype=np.float64), self.valid.sum(1), continuations)
         if self.observe_surprisal:
             bits = self.reconstructor.surprisal(self.token_ids, self.valid, dtype=self.scorer.dtype)
             self.surprisal[:] = bits.clamp(0.0, MAX_SURPRISAL_BITS).cpu().numpy()
@@ -381,6 +395,13 @@ class TokenMaskCore:
         :return: a dict of ``[B]`` arrays
         """
         s = self.scorer
+        continuation = {}
+        if s.continuation:
+            continuation = {
+                "continuation_full": self._last.continuation_full.copy(),
+                "continuation_deleted": self._last.continuation_deleted.copy(),
+                "reward_continuation": self._last.reward_continuation.copy(),
+            }
         return {
             "window_index": self.window_index.copy(),
             "target_mask_rate": s.target.copy(),
@@ -394,6 +415,7 @@ class TokenMaskCore:
             "reward_tokens": self._last.reward_tokens.copy(),
             "reward_rate": self._last.reward_rate.copy(),
             "token_rewards": self._last.token_reward.copy(),
+            **continuation,
         }
 
     def action_masks(self) -> np.ndarray:
@@ -453,14 +475,21 @@ def build_core(
     reconstructor: Reconstructor | None = None,
     windows: np.ndarray | Sequence[Sequence[int]] | None = None,
     valid: np.ndarray | None = None,
+    continuations: np.ndarray | None = None,
 ) -> TokenMaskCore:
     """Load what a config names (reconstructor, corpus windows) and build the core of the single or the vector env.
+
+    With ``reward_type="continuation"`` the corpus windows are those whose next ``continuation_tokens``
+    tokens lie in their document (:func:`~tokencompress_env.data.window_continuations`): the last window
+    of a document has no continuation to read, so it is not played.
 
     :param batch_size: episodes run together
     :param config: the env's options
     :param reconstructor: a reconstructor object to use instead of loading ``config.reconstructor``
     :param windows: token-id windows to use instead of the corpus
     :param valid: real positions of ``windows``
+    :param continuations: ``[N, continuation_tokens]`` ids following each of ``windows`` (the continuation
+        reward's, needed with it and direct windows)
     :return: the core
     """
     check_option_types({"num_envs": batch_size}, {}, {})
@@ -470,19 +499,57 @@ def build_core(
     model = reconstructor if reconstructor is not None else load_reconstructor(config.reconstructor, config.device)
     if seq_len > model.max_seq_len:
         raise ConfigError(f"seq_len={seq_len} exceeds the reconstructor's context of {model.max_seq_len} tokens: use a smaller seq_len")
+    uses_continuations = config.reward_type == "continuation"
+    if continuations is not None and not uses_continuations:
+        raise InputError("continuations are read by reward_type='continuation' only")
+    conts = None
     if windows is None:
-        token_ids = corpus_windows(config.corpus, config.split, seq_len, model)
+        if continuations is not None:
+            raise InputError("continuations go with direct windows; the corpus's windows take theirs from their documents")
+        token_ids, docs = corpus_windows_with_docs(config.corpus, config.split, seq_len, model)
+        if uses_continuations:
+            conts, available = window_continuations(token_ids, docs, config.continuation_tokens)
+            if not available.any():
+                raise DataSourceError(
+                    f"no {seq_len}-token window of the '{config.split}' split of '{config.corpus}' is followed by "
+                    f"{config.continuation_tokens} tokens of its document: use fewer continuation_tokens or longer documents"
+                )
+            token_ids, conts = token_ids[available], conts[available]
         real = np.ones(token_ids.shape, dtype=bool)
     else:
         token_ids, real = pad_windows(windows, seq_len, model.pad_token_id, valid)
+        if uses_continuations:
+            conts = check_continuations(continuations, len(token_ids), config.continuation_tokens, model.vocab_size)
     if token_ids.min() < 0 or token_ids.max() >= model.vocab_size:
         raise InputError(f"token ids must lie in [0, {model.vocab_size}) for this reconstructor")
     keep = force_keep_mask(token_ids, real, model, config.keep_digits, config.force_keep_strings)
     starts = unit_starts(token_ids, real, model.tokenizer, config.units)
-    windows_set = WindowSet(token_ids, real, spread_to_units(keep, starts) & real, unit_heads(starts))
+    windows_set = WindowSet(token_ids, real, spread_to_units(keep, starts) & real, unit_heads(starts), conts)
     return TokenMaskCore(
         model, windows_set, config.reward_config(), seq_len, config.chunk_size, batch_size, config.observe_surprisal, config.scoring_dtype
     )
+
+
+def check_continuations(continuations: np.ndarray | None, n_windows: int, horizon: int, vocab_size: int) -> np.ndarray:
+    """Validate the continuations given with direct windows (continuation reward).
+
+    :param continuations: ``[N, horizon]`` ids, or ``None``
+    :param n_windows: windows given
+    :param horizon: ``continuation_tokens``
+    :param vocab_size: the reconstructor's vocabulary
+    :return: the continuations as an int64 array
+    """
+    if continuations is None:
+        raise InputError(
+            "reward_type='continuation' with direct windows needs continuations=[N, continuation_tokens] ids "
+            "(the tokens that follow each window)"
+        )
+    conts = np.asarray(continuations)
+    if conts.dtype.kind not in "iu" or conts.shape != (n_windows, horizon):
+        raise InputError(f"continuations must be integer ids of shape ({n_windows}, {horizon}), got {conts.dtype} {conts.shape}")
+    if conts.size and (conts.min() < 0 or conts.max() >= vocab_size):
+        raise InputError(f"continuation ids must lie in [0, {vocab_size}) for this reconstructor")
+    return conts.astype(np.int64)
 
 
 def env_config(
@@ -604,7 +671,15 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
       with near certainty earns almost the full price; dropping a surprising one costs.
     * ``simple``: ``+mask_bonus`` per dropped token, ``-wrong_penalty`` per dropped token whose
       reconstruction (the reconstructor's top guess) is wrong.
-    * Rate keeping (both types): with ``D_t = masked_so_far - target * decided_so_far`` over real
+    * ``continuation`` (downstream): each dropped token earns ``bits_saved_per_mask`` at its step; the
+      episode's last step charges ``C_deleted - C_full``, the bits of the ``continuation_tokens`` (T, 32)
+      tokens that follow the window in its document under the reconstructor read as a causal LM
+      (:meth:`Reconstructor.continuation_bits`) given the window with the dropped tokens deleted, minus
+      those given the full window. Both contexts are their last ``seq_len - T`` tokens (the evaluation's
+      downstream-reading rule). Only windows followed by T tokens of their document are played (the
+      last window of a document is not); direct windows need ``continuations``. No per-token score
+      optimises this: what a dropped token costs depends on what else is deleted.
+    * Rate keeping (all types): with ``D_t = masked_so_far - target * decided_so_far`` over real
       tokens, each step adds ``-rate_penalty * (|D_t| - |D_{t-1}|)``. This potential-based shaping
       telescopes to ``-rate_penalty * |achieved - target| * n_valid`` over the episode: every token
       dropped beyond the target, or kept short of it, costs ``rate_penalty``. It must exceed the price
@@ -622,7 +697,10 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
     parts of this step's reward), and ``token_rewards``: this step's reward split over the chunk's
     ``chunk_size`` tokens (a list; ``[num_envs, chunk_size]`` in the vector env), each token's own term plus
     the rate shaping counted token by token, so that a token's share depends only on its own decision and
-    those before it (what ``algo="token_ppo"`` uses for per-token credit).
+    those before it (what ``algo="token_ppo"`` uses for per-token credit). With the continuation reward also
+    ``continuation_full`` and ``continuation_deleted`` (the continuation's bits given the full and the
+    deleted window, summed over its tokens) and ``reward_continuation`` (``-(deleted - full)``, scaled), 0 before
+    the episode's last step; the continuation term goes to the last position of ``token_rewards``.
 
     ## Starting State
 
@@ -666,6 +744,7 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
     :param reconstructor: preset name or directory (an option), or (direct construction) a :class:`Reconstructor`
     :param windows: (direct construction) token-id windows replacing the corpus
     :param valid: (direct construction) real positions of ``windows``
+    :param continuations: (direct construction, continuation reward) ``[N, continuation_tokens]`` ids following each window
     :param render_mode: ``None`` or ``"ansi"`` (the window as text, dropped tokens as the mask token)
     :param options: fields of :class:`~tokencompress_env.env_config.EnvConfig` by name
     """
@@ -679,6 +758,7 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
         reconstructor: str | Path | Reconstructor | None = None,
         windows: np.ndarray | Sequence[Sequence[int]] | None = None,
         valid: np.ndarray | None = None,
+        continuations: np.ndarray | None = None,
         render_mode: str | None = None,
         **options: Any,
     ) -> None:
@@ -686,7 +766,7 @@ class TokenMaskEnv(CoreAccess, gym.Env[dict[str, np.ndarray], np.ndarray]):
             raise ConfigError(f"render_mode must be None or one of {self.metadata['render_modes']}, got '{render_mode}'")
         self.render_mode = render_mode
         self.config, model = env_config(config, reconstructor, options)
-        self.core = build_core(1, self.config, model, windows, valid)
+        self.core = build_core(1, self.config, model, windows, valid, continuations)
         self.reward_config = self.core.reward_config
         self.seq_len, self.chunk_size, self.units = self.config.seq_len, self.config.chunk_size, self.config.units
         self.observation_space = self.core.observation_space  # type: ignore[assignment]

@@ -58,7 +58,7 @@ class EnvConfig(RewardConfig):
 
     def __post_init__(self) -> None:
         check_option_types(
-            {"seq_len": self.seq_len, "chunk_size": self.chunk_size},
+            {"seq_len": self.seq_len, "chunk_size": self.chunk_size, "continuation_tokens": self.continuation_tokens},
             {"observe_surprisal": self.observe_surprisal, "keep_digits": self.keep_digits},
             {"corpus": self.corpus, "split": self.split, "scoring_dtype": self.scoring_dtype, "device": self.device},
         )
@@ -72,6 +72,12 @@ class EnvConfig(RewardConfig):
             raise ConfigError(f"seq_len and chunk_size must be positive, got {self.seq_len} and {self.chunk_size}")
         if self.seq_len % self.chunk_size != 0:
             raise ConfigError(f"seq_len ({self.seq_len}) must be a multiple of chunk_size ({self.chunk_size})")
+        if self.reward_type == "continuation" and not 1 <= self.continuation_tokens < self.seq_len:
+            raise ConfigError(
+                f"continuation_tokens must be at least 1 and fewer than seq_len ({self.seq_len}) with reward_type='continuation', "
+                f"got {self.continuation_tokens}: the reconstructor reads the window's last seq_len - continuation_tokens tokens "
+                "before the continuation"
+            )
         if self.scoring_dtype not in SCORING_DTYPES:
             raise ConfigError(f"scoring_dtype must be one of {SCORING_DTYPES}, got '{self.scoring_dtype}'")
         try:

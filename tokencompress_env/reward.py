@@ -12,7 +12,17 @@ Reward of one step, for each window (all in bits before the division by ``reward
   where the surprisal is ``-log2 p(x_i | compressed prefix)`` under the reconstructor, the distortion
   the drop causes.
 * ``simple``: ``sum over masked tokens of (mask_bonus - wrong_penalty * [reconstructor's guess is wrong])``.
-* both: the rate-keeping shaping term ``-rate_penalty * (|D_t| - |D_{t-1}|)`` with
+* ``continuation`` (a downstream reward): each step pays ``bits_saved_per_mask`` per token dropped in it,
+  and the episode's last step adds ``-(C_deleted - C_full)``, where ``C`` are the bits of the ``continuation_tokens``
+  tokens that follow the window in its document under the reconstructor read as a plain causal LM
+  (:meth:`Reconstructor.continuation_bits`), given the window with the dropped tokens *deleted*
+  (``C_deleted``) or the full window (``C_full``). Both contexts are cut to their last ``seq_len -
+  continuation_tokens`` tokens, the evaluation's downstream-reading rule
+  (:func:`~tokencompress_env.reconstructor.downstream_context_tokens` with the env's window as the LM's
+  trained one), in the env's ``scoring_dtype``. The episode's return is ``price * drops - (C_deleted - C_full)`` plus the rate term. The
+  per-step price keeps the rate decisions' credit local; the continuation term, a function of the whole
+  mask, comes at the end (in ``token_reward``, on the chunk's last position).
+* all: the rate-keeping shaping term ``-rate_penalty * (|D_t| - |D_{t-1}|)`` with
   ``D_t = masked_so_far - target * decided_so_far`` (valid tokens only). It is potential-based, so over
   an episode it telescopes to ``-rate_penalty * |achieved - target| * n_valid``: every token masked
   beyond the target, or kept short of it, costs ``rate_penalty``.
@@ -20,6 +30,7 @@ Reward of one step, for each window (all in bits before the division by ``reward
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, fields
 
 import numpy as np
@@ -27,10 +38,12 @@ import torch
 
 from tokencompress_env.errors import ConfigError
 from tokencompress_env.options import option
-from tokencompress_env.reconstructor import Reconstructor, ScoringState, resolve_scoring_dtype
+from tokencompress_env.reconstructor import Reconstructor, ScoringState, downstream_context_tokens, resolve_scoring_dtype
 
 #: Reward types understood by :class:`RewardConfig`.
-REWARD_TYPES = ("info_theoretic", "simple")
+REWARD_TYPES = ("info_theoretic", "simple", "continuation")
+#: Reward types priced in bits (``bits_saved_per_mask`` per dropped token).
+BITS_REWARD_TYPES = ("info_theoretic", "continuation")
 
 
 @dataclass(frozen=True)
@@ -40,8 +53,12 @@ class RewardConfig:
     :class:`~tokencompress_env.env_config.EnvConfig` extends it with the environment's other options.
     """
 
-    reward_type: str = option("info_theoretic", "'info_theoretic' (bits) or 'simple' (bonus and penalty counts)")
-    bits_saved_per_mask: float = option(8.0, "info-theoretic price of one dropped token, in bits")
+    reward_type: str = option(
+        "info_theoretic",
+        "'info_theoretic' (bits), 'simple' (bonus and penalty counts) or 'continuation' (bits of the next "
+        "'continuation_tokens' tokens given the window with the dropped tokens deleted, minus given the full window)",
+    )
+    bits_saved_per_mask: float = option(8.0, "price of one dropped token, in bits (info-theoretic and continuation rewards)")
     surprisal_clip: float = option(20.0, "the surprisal of a dropped token is clipped at this many bits (info-theoretic)")
     mask_bonus: float = option(1.0, "simple reward per dropped token")
     wrong_penalty: float = option(2.0, "simple penalty per dropped token the reconstructor does not recover")
@@ -53,6 +70,11 @@ class RewardConfig:
     reward_scale: float | None = option(
         None, "every reward is divided by this; None: the window length, so an episode's return is in bits per window token"
     )
+    continuation_tokens: int = option(
+        32,
+        "continuation reward: tokens after the window (in its document) whose bits it charges; fewer than seq_len, "
+        "whose remainder is the context the reconstructor reads (only windows with such a continuation are played)",
+    )
 
     def __post_init__(self) -> None:
         if self.reward_type not in REWARD_TYPES:
@@ -63,6 +85,9 @@ class RewardConfig:
             raise ConfigError(f"reward_scale must be positive, got {self.reward_scale}")
         if self.wrong_penalty < 0:
             raise ConfigError(f"wrong_penalty must be non-negative, got {self.wrong_penalty}")
+        tokens = self.continuation_tokens
+        if isinstance(tokens, (bool, np.bool_)) or not isinstance(tokens, numbers.Integral) or tokens < 1:
+            raise ConfigError(f"continuation_tokens must be a positive integer, got {tokens!r}")
         price = self.token_price
         if self.effective_rate_penalty <= price:
             raise ConfigError(
@@ -81,9 +106,9 @@ class RewardConfig:
     def token_price(self) -> float:
         """The most a single dropped token can earn (before scaling).
 
-        :return: ``bits_saved_per_mask`` or ``mask_bonus``
+        :return: ``bits_saved_per_mask`` (bits rewards) or ``mask_bonus``
         """
-        return self.bits_saved_per_mask if self.reward_type == "info_theoretic" else self.mask_bonus
+        return self.bits_saved_per_mask if self.reward_type in BITS_REWARD_TYPES else self.mask_bonus
 
     @property
     def effective_rate_penalty(self) -> float:
@@ -93,7 +118,7 @@ class RewardConfig:
         """
         if self.rate_penalty is not None:
             return float(self.rate_penalty)
-        if self.reward_type == "info_theoretic":
+        if self.reward_type in BITS_REWARD_TYPES:
             return 2.0 * self.bits_saved_per_mask
         return self.mask_bonus + self.wrong_penalty
 
@@ -107,7 +132,7 @@ class RewardConfig:
 
 
 def token_rewards(surprisal: torch.Tensor, correct: torch.Tensor, mask: torch.Tensor, config: RewardConfig) -> torch.Tensor:
-    """Per-token reward of dropped tokens (zero at kept ones), before scaling.
+    """Per-token reward of dropped tokens (zero at kept ones), before scaling; the continuation reward's is its price alone.
 
     :param surprisal: ``[B, k]`` bits of each true token given the compressed prefix
     :param correct: ``[B, k]`` whether the reconstructor's top guess is the true token
@@ -117,6 +142,8 @@ def token_rewards(surprisal: torch.Tensor, correct: torch.Tensor, mask: torch.Te
     """
     if config.reward_type == "info_theoretic":
         per_token = config.bits_saved_per_mask - surprisal.clamp(max=config.surprisal_clip)
+    elif config.reward_type == "continuation":
+        per_token = torch.full_like(surprisal, config.bits_saved_per_mask)
     else:
         per_token = config.mask_bonus - config.wrong_penalty * (~correct).to(surprisal.dtype)
     return torch.where(mask, per_token, torch.zeros_like(per_token))
@@ -155,8 +182,14 @@ class StepOutcome:
     :param masked_bits: surprisal summed over the tokens dropped this step (unclipped bits)
     :param token_reward: ``[B, k]`` the reward split over the chunk's tokens (scaled; sums to ``reward``):
         each token's own term, plus the change of the rate-shaping potential when the chunk's tokens are
-        counted one after another. A token's share depends only on its own decision and those before
+        counted one after another, plus (continuation reward, last step) the continuation term on the
+        chunk's last position. A token's share depends only on its own decision and those before
         it, which is what per-token credit assignment needs (:class:`agents.token_ppo.TokenPPO`)
+    :param reward_continuation: the continuation part ``-(C_deleted - C_full)`` (scaled; continuation
+        reward, episode's last step; 0 otherwise)
+    :param continuation_full: bits of the continuation given the full window (summed over its tokens;
+        continuation reward, episode's last step; 0 otherwise)
+    :param continuation_deleted: the same given the window with the dropped tokens deleted
     """
 
     reward: np.ndarray
@@ -164,10 +197,36 @@ class StepOutcome:
     reward_rate: np.ndarray
     masked_bits: np.ndarray
     token_reward: np.ndarray
+    reward_continuation: np.ndarray
+    continuation_full: np.ndarray
+    continuation_deleted: np.ndarray
+
+    @classmethod
+    def zeros(cls, batch_size: int, chunk_size: int) -> StepOutcome:
+        """The outcome of no step (what ``info`` reports at reset).
+
+        :param batch_size: rows
+        :param chunk_size: tokens per step
+        :return: all-zero arrays
+        """
+        zeros = np.zeros(batch_size, dtype=np.float64)
+        return cls(
+            reward=zeros,
+            reward_tokens=zeros,
+            reward_rate=zeros,
+            masked_bits=zeros,
+            token_reward=np.zeros((batch_size, chunk_size), dtype=np.float64),
+            reward_continuation=zeros,
+            continuation_full=zeros,
+            continuation_deleted=zeros,
+        )
 
 
 class EpisodeScorer:
     """Scores a batch of synchronized episodes chunk by chunk and computes their rewards.
+
+    With the continuation reward the scorer also keeps the episode's window and decisions, and after the
+    chunk that completes the window scores the continuations given in :meth:`begin`.
 
     :param reconstructor: the reconstructor whose surprisal defines the distortion
     :param config: the reward coefficients
@@ -194,6 +253,30 @@ class EpisodeScorer:
         self.decided = np.zeros(batch_size, dtype=np.int64)
         self.masked_correct = np.zeros(batch_size, dtype=np.int64)
         self.masked_bits_total = np.zeros(batch_size, dtype=np.float64)
+        self.continuation = config.reward_type == "continuation"
+        if self.continuation and self.context_tokens < 1:  # fails here, not at the first episode's end
+            raise ConfigError(
+                f"continuation_tokens ({config.continuation_tokens}) must be fewer than seq_len ({seq_len}): "
+                "the rest of the window is the context the continuation is read after"
+            )
+        shape = (batch_size, seq_len) if self.continuation else (batch_size, 0)
+        self.window_ids = np.zeros(shape, dtype=np.int64)
+        self.window_dropped = np.zeros(shape, dtype=bool)
+        self.window_valid = np.zeros(shape, dtype=bool)
+        self.continuations: np.ndarray | None = None
+        self.position = 0
+
+    @property
+    def context_tokens(self) -> int:
+        """Continuation reward: the most recent window tokens the reconstructor reads before the continuation.
+
+        The evaluation's downstream-reading rule (:func:`downstream_context_tokens`) with the env's window
+        as the window the reconstructor is trained on: ``seq_len - continuation_tokens``.
+
+        :return: context tokens
+        """
+        trained = {"build_config": {"seq_len": self.seq_len}}
+        return downstream_context_tokens(self.reconstructor, trained, self.config.continuation_tokens, None)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -203,12 +286,24 @@ class EpisodeScorer:
         """
         return resolve_scoring_dtype(self.scoring_dtype, self.reconstructor.device)
 
-    def begin(self, target: np.ndarray, n_valid: np.ndarray) -> None:
+    def begin(self, target: np.ndarray, n_valid: np.ndarray, continuations: np.ndarray | None = None) -> None:
         """Start new episodes for every row: empty KV cache, zero counters.
 
         :param target: ``[B]`` target mask rates
         :param n_valid: ``[B]`` real tokens in each window
+        :param continuations: ``[B, continuation_tokens]`` ids following each window (continuation reward only)
         """
+        if self.continuation:
+            if continuations is None:
+                raise ValueError("the continuation reward needs each window's continuation")
+            conts = np.asarray(continuations, dtype=np.int64)
+            if conts.shape != (self.batch_size, self.config.continuation_tokens):
+                raise ValueError(f"continuations must be [{self.batch_size}, {self.config.continuation_tokens}], got {conts.shape}")
+            self.continuations = conts.copy()
+            self.window_ids.fill(0)
+            self.window_dropped.fill(False)
+            self.window_valid.fill(False)
+        self.position = 0
         self.state = self.reconstructor.begin_scoring(self.batch_size, self.dtype)
         self.target = np.asarray(target, dtype=np.float64).copy()
         self.n_valid = np.asarray(n_valid, dtype=np.int64).copy()
@@ -250,6 +345,11 @@ class EpisodeScorer:
             .numpy()
         )
         reward_tokens_raw, masked_bits, n_masked, n_correct, n_valid = sums.T
+        width = dropped_host.shape[1]
+        if self.continuation:
+            span = slice(self.position, self.position + width)
+            self.window_ids[:, span], self.window_dropped[:, span], self.window_valid[:, span] = token_ids, dropped_host, valid_host
+        self.position += width
         masked_before, decided_before = self.masked.copy(), self.decided.copy()
         self.masked += n_masked.astype(np.int64)
         self.decided += n_valid.astype(np.int64)
@@ -266,9 +366,41 @@ class EpisodeScorer:
         start = np.abs(masked_before - self.target * decided_before)[:, None]
         token_shaping = -self._rate_penalty * np.diff(np.concatenate([start, potential], axis=1), axis=1)
         token_reward = (per_token_host + token_shaping) / self._scale
+        zeros = np.zeros(self.batch_size, dtype=np.float64)
+        full, deleted, reward_continuation = zeros, zeros, zeros
+        if self.continuation and self.position >= self.seq_len:
+            full, deleted = self.continuation_bits()
+            reward_continuation = -(deleted - full) / self._scale
+            total = total + reward_continuation
+            token_reward[:, -1] += reward_continuation
         return StepOutcome(
-            reward=total, reward_tokens=reward_tokens, reward_rate=reward_rate, masked_bits=masked_bits, token_reward=token_reward
+            reward=total,
+            reward_tokens=reward_tokens,
+            reward_rate=reward_rate,
+            masked_bits=masked_bits,
+            token_reward=token_reward,
+            reward_continuation=reward_continuation,
+            continuation_full=full,
+            continuation_deleted=deleted,
         )
+
+    def continuation_bits(self) -> tuple[np.ndarray, np.ndarray]:
+        """Bits of each row's continuation given its full window and given the window with its dropped tokens deleted.
+
+        One :meth:`Reconstructor.continuation_bits` pass over both contexts of every row, each cut to its
+        last :attr:`context_tokens` tokens (padding is never part of a context).
+
+        :return: ``[B]`` bits given the full window and ``[B]`` bits given the deleted one (summed over the continuation)
+        """
+        if self.continuations is None:
+            raise RuntimeError("EpisodeScorer.continuation_bits called before begin()")
+        keep = self.context_tokens
+        full = [self.window_ids[b][self.window_valid[b]] for b in range(self.batch_size)]
+        deleted = [self.window_ids[b][self.window_valid[b] & ~self.window_dropped[b]] for b in range(self.batch_size)]
+        contexts = [c[len(c) - keep :] if keep < len(c) else c for c in full + deleted]
+        bits = self.reconstructor.continuation_bits(contexts, np.concatenate([self.continuations, self.continuations]), dtype=self.dtype)
+        sums = bits.to("cpu", torch.float64).sum(dim=1).numpy()
+        return sums[: self.batch_size], sums[self.batch_size :]
 
     @property
     def mask_rate(self) -> np.ndarray:

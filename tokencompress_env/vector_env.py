@@ -60,6 +60,7 @@ class TokenMaskVectorEnv(CoreAccess, VectorEnv[dict[str, np.ndarray], np.ndarray
     :param reconstructor: preset name or directory (an option), or (direct construction) a :class:`Reconstructor`
     :param windows: (direct construction) token-id windows replacing the corpus
     :param valid: (direct construction) real positions of ``windows``
+    :param continuations: (direct construction, continuation reward) ``[N, continuation_tokens]`` ids following each window
     :param options: fields of :class:`~tokencompress_env.env_config.EnvConfig` by name
     """
 
@@ -73,10 +74,11 @@ class TokenMaskVectorEnv(CoreAccess, VectorEnv[dict[str, np.ndarray], np.ndarray
         reconstructor: str | Path | Reconstructor | None = None,
         windows: np.ndarray | Sequence[Sequence[int]] | None = None,
         valid: np.ndarray | None = None,
+        continuations: np.ndarray | None = None,
         **options: Any,
     ) -> None:
         self.config, model = env_config(config, reconstructor, options)
-        self.core = build_core(num_envs, self.config, model, windows, valid)
+        self.core = build_core(num_envs, self.config, model, windows, valid, continuations)
         self.reward_config = self.core.reward_config
         self.num_envs = num_envs
         self.seq_len, self.chunk_size = self.config.seq_len, self.config.chunk_size
