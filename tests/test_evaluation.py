@@ -397,3 +397,20 @@ def test_search_bound_row_and_policy_ratio(
     png = plot_rate_distortion(records, tmp_path / "p.png")
     assert png.read_bytes()[:8] == PNG_MAGIC
     assert "search (bound)" in results_markdown(records) and "Search bound on 2 windows" in results_markdown(records)
+
+
+def test_the_downstream_reading_of_a_subset_uses_each_windows_own_continuation(test_reconstructor: Reconstructor) -> None:
+    """The search reads a subset of the windows: window ``index[i]``'s continuation, not the ``i``-th one."""
+    tok = test_reconstructor.tokenizer
+    key, answer = 100, 200
+    lm = Reconstructor(KeyTokenLM(len(tok), key, answer), tok, device="cpu")  # type: ignore[arg-type]
+    windows = np.tile(np.arange(300, 316), (3, 1))
+    windows[:, 5] = key
+    continuations = np.stack([np.full(6, 301), np.full(6, 302), np.full(6, answer)])  # only window 2's is the answer
+    reader = DownstreamReader(lm, tok, continuations, np.array([True, True, True]), batch_size=2)
+    masks = np.zeros(windows.shape, dtype=bool)
+    whole = reader.read(windows, masks, np.arange(3))
+    subset = reader.read(windows[[2]], masks[[2]], np.array([2]))
+    assert whole["continuation_full"][2] < 1.0  # the key token predicts window 2's continuation
+    for name in ("continuation_full", "continuation_none", "continuation_tokens"):
+        assert subset[name][0] == pytest.approx(whole[name][2], rel=1e-6), name

@@ -512,19 +512,22 @@ class DownstreamReader:
         segments.append(window[start:])
         return self._to_lm(segments, True)[-self.max_context :]
 
-    def _score(self, windows: np.ndarray, masks: np.ndarray, mode: str, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def _score(
+        self, windows: np.ndarray, masks: np.ndarray, mode: str, rows: np.ndarray, index: np.ndarray
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Continuation bits (summed per window) and continuation tokens of the given rows.
 
         :param windows: ``[N, L]`` ids
         :param masks: ``[N, L]`` dropped positions
         :param mode: which context
         :param rows: the windows to score (those with a continuation)
+        :param index: ``[N]`` position of each window in ``continuations``
         :return: ``[N]`` bits and ``[N]`` tokens (0 elsewhere)
         """
         n = len(windows)
         bits, tokens = np.zeros(n), np.zeros(n)
         contexts = {int(i): self._context(windows[i], masks[i], mode) for i in rows}
-        conts = {int(i): self._to_lm([self.continuations[i]], False) for i in rows}
+        conts = {int(i): self._to_lm([self.continuations[index[i]]], False) for i in rows}
         by_len: dict[int, list[int]] = {}
         for i in rows:
             by_len.setdefault(len(conts[int(i)]), []).append(int(i))
@@ -551,12 +554,12 @@ class DownstreamReader:
         rows = np.flatnonzero(self.available[index])
         key = hash(index.tobytes())
         if key not in self._fixed:
-            full, tokens = self._score(windows, masks, "full", rows)
-            none, _ = self._score(windows, masks, "none", rows)
+            full, tokens = self._score(windows, masks, "full", rows, index)
+            none, _ = self._score(windows, masks, "none", rows, index)
             self._fixed[key] = (full, none, tokens)
         full, none, tokens = self._fixed[key]
-        deleted, _ = self._score(windows, masks, "deleted", rows)
-        placeholder, _ = self._score(windows, masks, "placeholder", rows)
+        deleted, _ = self._score(windows, masks, "deleted", rows, index)
+        placeholder, _ = self._score(windows, masks, "placeholder", rows, index)
         return {
             "continuation_tokens": tokens,
             "continuation_full": full,
