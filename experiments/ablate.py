@@ -11,7 +11,12 @@ Each *variant* is the base training config with a few keys changed (:data:`VARIA
   jointly with the reconstructor;
 * ``greedy_teacher_only``: the warm start imitates the masks of the ``greedy_threshold`` heuristic
   (``distill_teacher``, :func:`agents.distill.teacher_masks`) instead of the surprisal labels, no RL;
-* ``greedy_teacher_ppo``: that warm start, then PPO jointly with the reconstructor.
+* ``greedy_teacher_ppo``: that warm start, then PPO jointly with the reconstructor;
+* ``search_teacher_only``: the warm start imitates the search bound's masks (``distill_teacher="search"``
+  on 512 windows: slow on a CPU, seconds per window on a GPU; the masks are cached), no RL;
+* ``distill_continuation_ppo``: the surprisal warm start, then PPO on the downstream reward
+  (``reward_type="continuation"``) jointly with the reconstructor; evaluate it with the downstream
+  reading (``--continuation_tokens``).
 
 Every variant is trained with every seed (``runs/ablate/<variant>__s<seed>``; finished runs are reused, so
 an interrupted ablation continues where it stopped) and evaluated with :mod:`experiments.evaluate` on the
@@ -65,10 +70,17 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill_token_ppo": {"algo": "token_ppo", "distill_steps": 0},
     "greedy_teacher_only": {"total_timesteps": 0, "distill_teacher": "greedy_threshold"},
     "greedy_teacher_ppo": {"distill_teacher": "greedy_threshold"},
+    "search_teacher_only": {"total_timesteps": 0, "distill_teacher": "search", "distill_teacher_windows": 512},
+    "distill_continuation_ppo": {"reward_type": "continuation"},
 }
 
 #: Variants that continue the finished distillation-only run of their seed (the value) rather than distilling again.
-SHARED_DISTILLATION = {"distill_ppo": "distill_only", "distill_ppo_frozen": "distill_only", "greedy_teacher_ppo": "greedy_teacher_only"}
+SHARED_DISTILLATION = {
+    "distill_ppo": "distill_only",
+    "distill_ppo_frozen": "distill_only",
+    "greedy_teacher_ppo": "greedy_teacher_only",
+    "distill_continuation_ppo": "distill_only",
+}
 #: Variants of another algorithm that start from the distilled policy of the seed's distillation-only run (the value).
 INIT_FROM_DISTILLATION = {"distill_token_ppo": "distill_only"}
 

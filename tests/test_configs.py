@@ -24,6 +24,7 @@ OWNER = {
     "prod/apple_silicon.json": TrainConfig,
     "prod/data_prep.json": PrepareDataConfig,
     "prod/evaluation.json": EvaluateConfig,
+    "prod/cpu_wikitext.json": TrainConfig,
 }
 
 
