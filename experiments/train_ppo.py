@@ -90,6 +90,7 @@ POSITIVE_INTS = (
     "batch_size",
     "n_epochs",
     "embed_dim",
+    "hidden_dim",
     "distill_batch_size",
     "distill_teacher_windows",
     "distill_teacher_rates",
@@ -176,6 +177,7 @@ class TrainConfig:
     ent_coef: float = option(0.0, "entropy bonus")
     clip_range: float = option(0.2, "PPO clip range")
     embed_dim: int = option(192, "width of the policy's token embedding")
+    hidden_dim: int = option(64, "width of the policy's per-token features and convolution layers")
     use_decisions: bool = option(
         False,
         "let the policy see the decisions made so far; 'False' (default) makes it a one-pass ranker whose whole-window "
@@ -584,6 +586,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
             env,
             features_extractor_kwargs={
                 "embed_dim": config.embed_dim,
+                "hidden_dim": config.hidden_dim,
                 "use_decisions": config.use_decisions,
                 "use_copy_features": config.use_copy_features,
             },
