@@ -681,7 +681,7 @@ class Compressor:
             return None
         if backend.truncation is not None or backend.padding is not None:
             return None
-        if bool(backend.encode_special_tokens) != bool(getattr(self.tokenizer, "split_special_tokens", False)):
+        if bool(getattr(backend, "encode_special_tokens", False)) != bool(getattr(self.tokenizer, "split_special_tokens", False)):
             return None
         return backend
 
