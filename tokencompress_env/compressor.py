@@ -38,10 +38,12 @@ How a text is compressed:
    is kept, and the budget is met as closely as whole units allow (exactly with single-token units).
    The kept tokens are decoded byte for byte (:func:`~tokencompress_env.units.decode_ids`).
 
-Cost: one pass of the small policy network over the windows. **If the run observed surprisal**
-(``observe_surprisal`` in its config), the policy needs the reconstructor's surprisal of the original
-tokens, so :meth:`Compressor.compress` also runs one reconstructor forward pass per window and is about
-as slow as self-information scoring.
+Cost: one pass of the small policy network over the windows (its inference path: no observation dicts, no
+value head; ``matmul_dtype="bfloat16"`` runs its matrix products in bfloat16, opt-in). ``stage_seconds``
+of ``experiments.benchmark_compress`` (:attr:`Compressor.last_stage_seconds`) says where the time goes.
+**If the run observed surprisal** (``observe_surprisal`` in its config), the policy needs the
+reconstructor's surprisal of the original tokens, so :meth:`Compressor.compress` also runs one
+reconstructor forward pass per window and is about as slow as self-information scoring.
 """
 
 from __future__ import annotations
