@@ -46,7 +46,7 @@ from stable_baselines3.common.type_aliases import PyTorchObs, Schedule
 from torch import nn
 from torch.distributions import Bernoulli
 
-from agents.extractor import LocalContextExtractor, extractor_kwargs_for
+from agents.extractor import LocalContextExtractor, extractor_kwargs_for, linear_inference_weights
 
 #: Logit given to inactive positions (padding, beyond the window, force-keep): keep with certainty.
 INACTIVE_LOGIT = 20.0
@@ -418,6 +418,84 @@ class _TokenPolicyMixin(_MixinBase):
             blocked = (pre["valid"] < 0.5) | (pre["force_keep"] > 0.5)
             logits = logits.masked_fill(blocked, float("-inf"))
         return logits
+
+    @property
+    def has_inference_path(self) -> bool:
+        """Whether :meth:`inference_mask_logits` computes the logits directly (feed-forward policy, local-context extractor)."""
+        return type(self)._window_context is _TokenPolicyMixin._window_context and isinstance(
+            self.pi_features_extractor, LocalContextExtractor
+        )
+
+    def inference_mask_logits(
+        self,
+        token_ids: th.Tensor,
+        valid: th.Tensor,
+        force_keep: th.Tensor,
+        target_mask_rate: th.Tensor,
+        surprisal: th.Tensor | None = None,
+        decisions: th.Tensor | None = None,
+        matmul_dtype: th.dtype = th.float32,
+    ) -> th.Tensor:
+        """:meth:`token_mask_logits` of the observations built from these arrays, for inference only (``compress()``).
+
+        The mask logits of every position of the windows as
+        :func:`~tokencompress_env.observation.build_observation` would show them, without the observation
+        dict, SB3's preprocessing, the value head or a distribution: the extractor's
+        :meth:`~agents.extractor.LocalContextExtractor.inference_token_features` and the per-token head.
+        In float32 the result is bitwise that of :meth:`token_mask_logits` on a CPU; with
+        ``matmul_dtype=torch.bfloat16`` the matrix products run in bfloat16 (faster, slightly different
+        logits). Padding and force-kept positions get ``-inf``. Call it under ``torch.inference_mode``.
+        Policies without :attr:`has_inference_path` (the recurrent one) go through :meth:`token_mask_logits`.
+
+        :param token_ids: ``[B, L]`` integer ids
+        :param valid: ``[B, L]`` real positions (bool)
+        :param force_keep: ``[B, L]`` force-kept positions (bool)
+        :param target_mask_rate: ``[B]`` target rates
+        :param surprisal: ``[B, L]`` clipped surprisal bits (when the policy observes it)
+        :param decisions: ``[B, L]`` decision codes (``None``: nothing decided)
+        :param matmul_dtype: ``torch.float32`` (exact) or ``torch.bfloat16``
+        :return: ``[B, L]`` float32 logits of P(mask)
+        """
+        valid_b = valid.bool()
+        force_b = force_keep.bool()
+        if not self.has_inference_path:
+            obs: dict[str, th.Tensor] = {
+                "token_ids": token_ids.float(),
+                "decisions": (th.zeros_like(token_ids) if decisions is None else decisions).float(),
+                "valid": valid_b.float(),
+                "force_keep": force_b.float(),
+                "position": th.zeros(token_ids.shape[0], 1, device=token_ids.device),
+                "target_mask_rate": target_mask_rate.float().reshape(-1, 1),
+            }
+            if surprisal is not None:
+                obs["surprisal"] = surprisal.float()
+            return self.token_mask_logits({k: obs[k] for k in self.observation_space.spaces}).float()  # type: ignore[attr-defined]
+        features = self._pi_tokens.inference_token_features(
+            token_ids, valid_b, force_b, target_mask_rate, surprisal, decisions, matmul_dtype=matmul_dtype
+        )
+        if matmul_dtype == th.float32:
+            logits = self._head_logits(features, None)
+        else:
+            logits = self._head_inference(features, matmul_dtype)
+        return logits.float().masked_fill(~valid_b | force_b, float("-inf"))
+
+    def _head_inference(self, features: th.Tensor, dtype: th.dtype) -> th.Tensor:
+        """The per-token head with its matrix products in ``dtype`` (activations between them in that dtype too).
+
+        :param features: ``[B, L, D]`` float32 token features
+        :param dtype: the matrix products' dtype
+        :return: ``[B, L]`` logits
+        """
+        batch, length, dim = features.shape
+        h = features.to(dtype).reshape(-1, dim)
+        layers = [*self.mlp_extractor.policy_net, self.action_net]
+        for layer in layers:
+            if isinstance(layer, nn.Linear) and layer.bias is not None:
+                w = linear_inference_weights(layer, dtype)
+                h = th.addmm(w.bias, h, w.weight_t)
+            else:
+                h = layer(h)
+        return h.float().reshape(batch, length)
 
     def token_mask_probs(self, obs: PyTorchObs | dict[str, np.ndarray]) -> th.Tensor:
         """``sigmoid`` of :meth:`token_mask_logits` (0 at padding and force-keep positions).

@@ -230,6 +230,13 @@ def test_sequential_method_replays_the_episode(tmp_path: Path, test_windows: dic
     # the decisions matter to this policy: later logits change when earlier decisions do
     undecided = window_mask_logits(agent, windows, valid, keep, 0.5)
     assert not np.allclose(undecided[:, chunk:], window_mask_logits(agent, windows, valid, keep, 0.5, decisions=decisions)[:, chunk:])
+    # the inference path feeds the decisions exactly as the observation did
+    rates = np.full(len(windows), 0.5, dtype=np.float32)
+    assert np.array_equal(
+        window_mask_logits(agent, windows, valid, keep, 0.5, decisions=decisions),
+        _reference_logits(agent, windows, valid, keep, rates, decisions=decisions),
+    )
+    assert np.array_equal(undecided, _reference_logits(agent, windows, valid, keep, rates))
 
 
 def test_surprisal_observing_run(tmp_path: Path, test_reconstructor_dir: Path) -> None:
@@ -238,6 +245,12 @@ def test_surprisal_observing_run(tmp_path: Path, test_reconstructor_dir: Path) -
     assert comp.observe_surprisal
     r = _compress_one(comp, PARAGRAPH * 2, mask_rate=0.4)
     _check_consistent(comp, r)
+    ids, valid, keep, rates = _random_windows(comp, n=4)
+    bits = comp.reconstructor.surprisal(ids, valid).float().cpu().numpy()
+    assert np.array_equal(
+        window_mask_logits(comp.agent, ids, valid, keep, rates, comp.reconstructor),
+        _reference_logits(comp.agent, ids, valid, keep, rates, bits=bits),
+    )
     with pytest.raises(InputError, match="surprisal"):
         window_mask_logits(
             comp.agent,
@@ -359,7 +372,22 @@ def test_benchmark_cli(run_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     assert (
         bench_main(
-            ["--run", str(run_dir), "--out", str(out), "--data", str(data), "--repeats", "1", "--device", "cpu", "--max_tokens", "500"]
+            [
+                "--run",
+                str(run_dir),
+                "--out",
+                str(out),
+                "--data",
+                str(data),
+                "--repeats",
+                "1",
+                "--device",
+                "cpu",
+                "--max_tokens",
+                "500",
+                "--long_tokens",
+                "900",
+            ]
         )
         == 0
     )
@@ -367,6 +395,9 @@ def test_benchmark_cli(run_dir: Path, tmp_path: Path) -> None:
     assert 450 <= result["tokens"] <= 505 and result["texts"] == 1  # one long document, cut at --max_tokens
     assert result["compress_tokens_per_s"] > 0 and result["self_information_tokens_per_s"] > 0
     assert result["speedup"] == pytest.approx(result["compress_tokens_per_s"] / result["self_information_tokens_per_s"])
+    assert {"tokenize", "policy", "ranking", "decode"} <= set(result["stage_seconds"]) and result["text_tokens_seconds"] >= 0
+    assert result["speedup_bfloat16"] > 0 and 0.0 <= result["bfloat16_changed_drops"] <= 1.0
+    assert result["long_text"]["tokens"] == 900 and result["long_text"]["speedup"] > 0  # PARAGRAPH repeated, cut at 900
 
 
 def test_evaluate_runs_the_policy_through_the_shared_seam(run_dir: Path, tmp_path: Path) -> None:
@@ -588,3 +619,168 @@ def test_force_keep_table_cache_is_keyed_by_the_tokenizer_itself(test_reconstruc
     gc.collect()
     assert len(module._TABLES) == entries - 1  # no table outlives its tokenizer, so no id() can be reused to reach it
     assert module._cached_table(test_reconstructor, keep_digits=False) is first
+
+
+# ---------------------------------------------------------------------------- the fast inference path (issue 13)
+def _reference_logits(agent: object, ids: np.ndarray, valid: np.ndarray, keep: np.ndarray, rates: np.ndarray, **kw: object) -> np.ndarray:
+    """The logits the way compress() computed them before its inference path: observation dicts through token_mask_logits."""
+    from tokencompress_env.observation import build_observation
+
+    policy = agent.policy  # type: ignore[attr-defined]
+    keys = list(agent.observation_space.spaces)  # type: ignore[attr-defined]
+    out = np.empty(ids.shape, dtype=np.float32)
+    with torch.inference_mode():
+        for start in range(0, len(ids), 3):
+            sl = slice(start, start + 3)
+            bits, decisions = (None if kw.get(k) is None else np.asarray(kw[k])[sl] for k in ("bits", "decisions"))
+            obs = build_observation(ids[sl], valid[sl], keep[sl], rates[sl], bits, decisions)
+            out[sl] = policy.token_mask_logits({k: torch.from_numpy(obs[k]) for k in keys}).float().numpy()
+    return out
+
+
+def _random_windows(compressor: Compressor, n: int = 7, seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    length = compressor.seq_len
+    ids = rng.integers(0, compressor.reconstructor.vocab_size, (n, length))
+    sizes = rng.integers(1, length + 1, n)
+    sizes[0] = length
+    valid = np.arange(length)[None] < sizes[:, None]
+    ids[~valid] = compressor.reconstructor.pad_token_id
+    keep = (rng.random((n, length)) < 0.1) & valid
+    rates = rng.uniform(0.1, 0.9, n).astype(np.float32)
+    return ids, valid, keep, rates
+
+
+def test_inference_path_gives_the_training_logits_bit_for_bit(compressor: Compressor) -> None:
+    """window_mask_logits' inference path (no observation dict, projected embedding table, in-place blocks) is exact in float32."""
+    assert compressor.agent.policy.has_inference_path
+    ids, valid, keep, rates = _random_windows(compressor)
+    expected = _reference_logits(compressor.agent, ids, valid, keep, rates)
+    for batch_size in (1, 3, 16):
+        got = window_mask_logits(compressor.agent, ids, valid, keep, rates, batch_size=batch_size)
+        assert np.array_equal(got, expected)  # -inf at padding and force-keep included
+    # The cached weight copies follow the weights: an in-place update shows at the next call.
+    extractor = compressor.agent.policy.pi_features_extractor
+    before = window_mask_logits(compressor.agent, ids, valid, keep, rates, matmul_dtype="bfloat16")
+    saved = [extractor.token_embedding.weight.detach().clone(), extractor.blocks[0].conv.weight.detach().clone()]
+    with torch.no_grad():
+        extractor.token_embedding.weight.mul_(1.5)
+        extractor.blocks[0].conv.weight.mul_(1.5)
+    try:
+        changed = window_mask_logits(compressor.agent, ids, valid, keep, rates)
+        assert np.array_equal(changed, _reference_logits(compressor.agent, ids, valid, keep, rates))
+        assert not np.array_equal(changed, expected)
+        assert not np.array_equal(window_mask_logits(compressor.agent, ids, valid, keep, rates, matmul_dtype="bfloat16"), before)
+    finally:
+        with torch.no_grad():
+            extractor.token_embedding.weight.copy_(saved[0])
+            extractor.blocks[0].conv.weight.copy_(saved[1])
+    assert np.array_equal(window_mask_logits(compressor.agent, ids, valid, keep, rates), expected)
+
+
+def test_compress_gives_the_masks_of_the_reference_pipeline(compressor: Compressor) -> None:
+    """compress() (vectorised windows, inference path, row-split ranking) against the pipeline spelled out step by step."""
+    from tokencompress_env.baselines import _unit_budget_mask, rate_budget
+    from tokencompress_env.units import decode_ids, spread_to_units, unit_starts
+
+    texts = [PARAGRAPH * 3 + "naïve café 日本語のテキスト 🎉 " * 4, SHORT, "你好，世界！这是一个测试。" * 9 + PARAGRAPH]
+    for units, rate in (("piece", 0.4), ("word", 0.3), ("piece", 0.7)):
+        results = compressor.compress(texts, mask_rate=rate, units=units)
+        assert isinstance(results, list)
+        for text, r in zip(texts, results, strict=True):
+            ids = np.asarray(compressor.tokenizer(text, add_special_tokens=False)["input_ids"], dtype=np.int64)
+            assert np.array_equal(r.origin_ids, ids)
+            starts = unit_starts(ids, None, compressor.tokenizer, units)
+            b = window_bounds(len(ids), compressor.seq_len)
+            flags = np.zeros(len(ids), dtype=bool)
+            for edge in b[1:-1]:
+                if not starts[edge]:
+                    flags[edge - 1 : edge + 1] = True
+            keep = spread_to_units(flags[None], starts[None])[0]
+            length = compressor.seq_len
+            w_ids = np.full((len(b) - 1, length), compressor.reconstructor.pad_token_id, dtype=np.int64)
+            w_valid = np.zeros((len(b) - 1, length), dtype=bool)
+            w_keep = np.zeros_like(w_valid)
+            w_starts = np.ones_like(w_valid)
+            for w in range(len(b) - 1):
+                size = b[w + 1] - b[w]
+                w_ids[w, :size], w_valid[w, :size], w_keep[w, :size] = ids[b[w] : b[w + 1]], True, keep[b[w] : b[w + 1]]
+                w_starts[w, :size] = starts[b[w] : b[w + 1]]
+                w_starts[w, 0] = True
+            logits = _reference_logits(compressor.agent, w_ids, w_valid, w_keep, np.full(len(w_ids), rate, dtype=np.float32))
+            maskable = w_valid & ~w_keep
+            ties = np.broadcast_to(-np.arange(length, dtype=np.float64), w_ids.shape)
+            dropped = _unit_budget_mask(np.asarray(logits, np.float64), rate_budget(rate, w_valid, maskable), maskable, ties, w_starts)
+            kept = ~dropped[w_valid]
+            assert np.array_equal(r.kept_mask, kept)
+            assert r.text == decode_ids(compressor.tokenizer, ids[kept])
+            assert r.text_tokens == len(compressor.tokenizer(r.text, add_special_tokens=False)["input_ids"])
+
+
+def test_budget_mask_splits_rows_by_unit_kind() -> None:
+    """Rows of single-token units take the token ranking: the same masks as the unit ranking of every row."""
+    from tokencompress_env.baselines import _unit_budget_mask, budget_mask
+
+    rng = np.random.default_rng(3)
+    n, length = 40, 24
+    priority = rng.normal(size=(n, length)).round(1)  # ties included
+    priority[0, :3] = [np.inf, -np.inf, np.nan]
+    maskable = rng.random((n, length)) < 0.8
+    starts = np.ones((n, length), dtype=bool)
+    starts[::3] = rng.random((len(starts[::3]), length)) < 0.6  # every third row has multi-token units
+    starts[:, 0] = True
+    budget = (maskable.sum(axis=1) * rng.uniform(0, 1, n)).astype(np.int64)
+    ties = np.broadcast_to(-np.arange(length, dtype=np.float64), (n, length))
+    clean = np.nan_to_num(priority, nan=-np.inf)
+    assert np.array_equal(budget_mask(priority, budget, maskable, units=starts), _unit_budget_mask(clean, budget, maskable, ties, starts))
+
+
+def test_spread_to_units_and_decode_match_their_definitions(compressor: Compressor) -> None:
+    from tokencompress_env.units import decode_ids, spread_to_units, token_table, unit_index
+
+    rng = np.random.default_rng(0)
+    flags = rng.random((5, 30)) < 0.1
+    starts = rng.random((5, 30)) < 0.5
+    starts[:, 0] = True
+    index = unit_index(starts)
+    expected = np.array([[flags[r][index[r] == index[r][j]].any() for j in range(30)] for r in range(5)])
+    assert np.array_equal(spread_to_units(flags, starts), expected)
+    ids = compressor.tokenizer("naïve café 日本語 🎉", add_special_tokens=False)["input_ids"]
+    raw = token_table(compressor.tokenizer).raw
+    assert decode_ids(compressor.tokenizer, ids) == b"".join(raw[i] for i in ids).decode("utf-8", errors="replace")
+    assert decode_ids(compressor.tokenizer, np.asarray(ids)) == decode_ids(compressor.tokenizer, ids) == "naïve café 日本語 🎉"
+
+
+def test_bfloat16_matmuls_are_opt_in_and_close(run_dir: Path, compressor: Compressor) -> None:
+    from tokencompress_env.errors import ConfigError
+
+    assert compressor.matmul_dtype == "float32"
+    fast = Compressor.load(run_dir, device="cpu", matmul_dtype="bfloat16")
+    ids, valid, keep, rates = _random_windows(compressor, n=12, seed=1)
+    exact = window_mask_logits(compressor.agent, ids, valid, keep, rates)
+    approx = window_mask_logits(fast.agent, ids, valid, keep, rates, matmul_dtype="bfloat16")
+    live = valid & ~keep
+    assert np.array_equal(np.isinf(approx), ~live)
+    assert np.abs(approx[live] - exact[live]).max() < 0.25 and np.corrcoef(approx[live], exact[live])[0, 1] > 0.999
+    text = PARAGRAPH * 4
+    a, b = _compress_one(compressor, text, mask_rate=0.4), _compress_one(fast, text, mask_rate=0.4)
+    assert a.compressed_tokens == b.compressed_tokens and (a.kept_mask != b.kept_mask).mean() < 0.05
+    with pytest.raises(ConfigError, match="matmul_dtype"):
+        Compressor.load(run_dir, device="cpu", matmul_dtype="float16")
+    with pytest.raises(InputError, match="matmul_dtype"):
+        window_mask_logits(compressor.agent, ids, valid, keep, rates, matmul_dtype="int8")
+
+
+def test_text_tokens_is_counted_when_read_and_results_pickle_alone(compressor: Compressor) -> None:
+    import copy
+    import pickle
+
+    results = compressor.compress([PARAGRAPH * 2, SHORT], mask_rate=0.5)
+    assert isinstance(results, list)
+    assert set(compressor.last_stage_seconds) >= {"tokenize", "units", "windows", "policy", "ranking", "decode"}
+    clone = pickle.loads(pickle.dumps(results[1]))  # counted before pickling; the compressor does not travel along
+    assert len(pickle.dumps(results[1])) < 20_000
+    for r in (results[0], results[1], clone, copy.deepcopy(results[0])):
+        assert r.text_tokens == len(compressor.tokenizer(r.text, add_special_tokens=False)["input_ids"])
+    assert np.array_equal(clone.kept_mask, results[1].kept_mask) and clone.text == results[1].text
+    assert results[0].to_dict(arrays=False)["text_tokens"] == results[0].text_tokens

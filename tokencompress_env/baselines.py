@@ -271,8 +271,31 @@ def budget_mask(
         starts = np.asarray(units, dtype=bool)
         if starts.shape != maskable.shape:
             raise InputError(f"units has shape {starts.shape}, expected {maskable.shape}")
-        if not starts.all():
-            return _unit_budget_mask(priority, budget, maskable, np.asarray(tiebreak, dtype=np.float64), starts)
+        multi = ~starts.all(axis=1)
+        if multi.any():
+            # Rows with multi-token units are ranked unit by unit; the others (most rows of most texts)
+            # by the token ranking, which is what the unit ranking gives with single-token units
+            # (with its clipping of infinite priorities, so that the order is the same).
+            ties = np.asarray(np.broadcast_to(tiebreak, (n, length)), dtype=np.float64)
+            out = np.empty((n, length), dtype=bool)
+            out[multi] = _unit_budget_mask(priority[multi], budget[multi], maskable[multi], ties[multi], starts[multi])
+            single = ~multi
+            if single.any():
+                out[single] = _token_budget_mask(np.clip(priority[single], -1e30, 1e30), budget[single], maskable[single], ties[single])
+            return out
+    return _token_budget_mask(priority, budget, maskable, tiebreak)
+
+
+def _token_budget_mask(priority: np.ndarray, budget: np.ndarray, maskable: np.ndarray, tiebreak: np.ndarray) -> np.ndarray:
+    """The token ranking of :func:`budget_mask`: the ``budget[i]`` maskable positions of highest priority.
+
+    :param priority: ``[N, L]`` float64 (NaN already replaced)
+    :param budget: ``[N]`` token budgets
+    :param maskable: ``[N, L]`` bool
+    :param tiebreak: ``[N, L]`` secondary key, higher first
+    :return: ``[N, L]`` bool
+    """
+    n, length = priority.shape
     # np.lexsort: the last key is the primary one; all keys ascending.
     order = np.lexsort((-np.asarray(tiebreak, dtype=np.float64), -priority, ~maskable), axis=-1)
     rank = np.empty_like(order)

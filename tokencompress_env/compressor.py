@@ -38,18 +38,21 @@ How a text is compressed:
    is kept, and the budget is met as closely as whole units allow (exactly with single-token units).
    The kept tokens are decoded byte for byte (:func:`~tokencompress_env.units.decode_ids`).
 
-Cost: one pass of the small policy network over the windows. **If the run observed surprisal**
-(``observe_surprisal`` in its config), the policy needs the reconstructor's surprisal of the original
-tokens, so :meth:`Compressor.compress` also runs one reconstructor forward pass per window and is about
-as slow as self-information scoring.
+Cost: one pass of the small policy network over the windows (its inference path: no observation dicts, no
+value head; ``matmul_dtype="bfloat16"`` runs its matrix products in bfloat16, opt-in). ``stage_seconds``
+of ``experiments.benchmark_compress`` (:attr:`Compressor.last_stage_seconds`) says where the time goes.
+**If the run observed surprisal** (``observe_surprisal`` in its config), the policy needs the
+reconstructor's surprisal of the original tokens, so :meth:`Compressor.compress` also runs one
+reconstructor forward pass per window and is about as slow as self-information scoring.
 """
 
 from __future__ import annotations
 
 import math
 import numbers
+import time
 import weakref
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -60,7 +63,7 @@ import torch
 from tokencompress_env.baselines import LogitFn, MaskMethod, budget_mask, mask_budget, rate_budget, segment_budgets
 from tokencompress_env.env import force_keep_token_table
 from tokencompress_env.errors import CheckpointError, ConfigError, InputError, ReconstructorLoadError
-from tokencompress_env.observation import SURPRISAL, Decision, build_observation
+from tokencompress_env.observation import MAX_SURPRISAL_BITS, SURPRISAL, Decision, build_observation
 from tokencompress_env.reconstructor import Reconstructor
 from tokencompress_env.run_loading import load_run
 from tokencompress_env.units import check_units, decode_ids, spread_to_units, unit_starts
@@ -70,6 +73,11 @@ DEFAULT_MASK_RATE = 0.4
 #: Default units of :meth:`Compressor.compress` (see :mod:`tokencompress_env.units`). Whole words read better
 #: but cost 1 to 1.6 more bits per dropped token at the same rate in the evaluation (README, "Compressing text").
 DEFAULT_UNITS = "piece"
+#: dtypes of the policy's matrix products at inference (:func:`window_mask_logits`, :class:`Compressor`):
+#: ``"float32"`` is the trained network's arithmetic (the default: masks are those of the evaluation);
+#: ``"bfloat16"`` is faster on CPUs with AVX512-BF16 or AMX (and GPUs) and changes a few masks (about 0.1% of
+#: the dropped tokens on WikiText at rate 0.4, README "Speed").
+MATMUL_DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 #: Shortfall of the achieved mask rate, caused by whole units, above which the result carries a warning.
 UNIT_SHORTFALL_WARNING = 0.02
 
@@ -122,6 +130,7 @@ def window_mask_logits(
     surprisal_reconstructor: Reconstructor | None = None,
     batch_size: int = 16,
     decisions: np.ndarray | None = None,
+    matmul_dtype: str = "float32",
 ) -> np.ndarray:
     """Per-token mask logits of a trained agent for whole windows, from the observation it saw in training.
 
@@ -131,6 +140,12 @@ def window_mask_logits(
     as the environment does: one reconstructor forward pass per window). The policy's
     ``token_mask_logits`` (agents package) gives one logit per position, ``-inf`` at padding and
     force-kept positions. Batched: ``batch_size`` windows per forward pass, under ``torch.inference_mode``.
+
+    Policies of the agents package with an inference path (feed-forward, local-context extractor:
+    ``has_inference_path``) are run through ``inference_mask_logits``, which computes the same logits
+    (bitwise, in float32 on a CPU) without building observation dicts, SB3 preprocessing or the value
+    head; other policies through ``token_mask_logits`` on the observation of
+    :func:`~tokencompress_env.observation.build_observation`.
 
     :param agent: a :class:`agents.artifact.PolicyArtifact` (or an SB3 model) whose policy has ``token_mask_logits``
     :param token_ids: ``[N, seq_len]`` ids (padding id at padding)
@@ -142,6 +157,9 @@ def window_mask_logits(
     :param batch_size: windows per policy forward pass
     :param decisions: ``[N, seq_len]`` decisions taken so far (:class:`~tokencompress_env.observation.Decision`), for a
         policy that sees its earlier decisions (``use_decisions``); ``None``: nothing decided
+    :param matmul_dtype: ``"float32"`` (the trained network's arithmetic) or ``"bfloat16"`` (the policy's
+        matrix products in bfloat16 on the inference path: about 1.5x faster on CPUs with AVX512-BF16 or
+        AMX, logits within about 0.05 of float32's; see :data:`MATMUL_DTYPES`)
     :return: ``[N, seq_len]`` float32 mask logits (higher = drop first)
     """
     policy = agent.policy
@@ -156,16 +174,40 @@ def window_mask_logits(
     observes_surprisal = SURPRISAL in keys
     if observes_surprisal and surprisal_reconstructor is None:
         raise InputError("this policy observes the reconstructor's surprisal: pass surprisal_reconstructor")
+    if matmul_dtype not in MATMUL_DTYPES:
+        raise InputError(f"matmul_dtype must be one of {sorted(MATMUL_DTYPES)}, got {matmul_dtype!r}")
     device = policy.device
     out = np.empty(ids.shape, dtype=np.float32)
     policy.set_training_mode(False)
+    fast = bool(getattr(policy, "has_inference_path", False))
+    if not fast and matmul_dtype != "float32":
+        raise InputError(f"matmul_dtype={matmul_dtype!r} needs a feed-forward policy of the agents package (has_inference_path)")
     with torch.inference_mode():
+        if fast:
+            all_ids = torch.from_numpy(ids).to(device)
+            all_valid = torch.from_numpy(np.ascontiguousarray(valid, dtype=bool)).to(device)
+            all_keep = torch.from_numpy(np.ascontiguousarray(force_keep, dtype=bool)).to(device)
+            all_rates = torch.from_numpy(rates).to(device)
+            all_decisions = None if decisions is None else torch.from_numpy(np.asarray(decisions, dtype=np.int64)).to(device)
         for start in range(0, n, max(1, batch_size)):
             sl = slice(start, min(start + batch_size, n))
             valid_np = np.asarray(valid[sl], dtype=bool)
             bits = None
             if surprisal_reconstructor is not None and observes_surprisal:
                 bits = surprisal_reconstructor.surprisal(ids[sl], valid_np).float().cpu().numpy()
+            if fast:
+                clipped = None if bits is None else torch.from_numpy(np.clip(bits.astype(np.float32), 0.0, MAX_SURPRISAL_BITS)).to(device)
+                logits = policy.inference_mask_logits(
+                    all_ids[sl],
+                    all_valid[sl],
+                    all_keep[sl],
+                    all_rates[sl],
+                    clipped,
+                    None if all_decisions is None else all_decisions[sl],
+                    matmul_dtype=MATMUL_DTYPES[matmul_dtype],
+                )
+                out[sl] = logits.cpu().numpy()
+                continue
             built = build_observation(ids[sl], valid_np, force_keep[sl], rates[sl], bits, None if decisions is None else decisions[sl])
             obs = {k: torch.from_numpy(v).to(device) for k, v in built.items()}
             missing = [k for k in keys if k not in obs]
@@ -256,6 +298,62 @@ def window_bounds(n_tokens: int, seq_len: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- results
+class TokenCounts:
+    """Token counts of a batch of texts, computed on first use (all texts in one tokenizer call).
+
+    :param count: texts -> their token counts
+    :param texts: the texts
+    """
+
+    def __init__(self, count: Callable[[Sequence[str]], list[int]], texts: Sequence[str]) -> None:
+        self._count: Callable[[Sequence[str]], list[int]] | None = count
+        self._texts: Sequence[str] | None = texts
+        self._values: list[int] | None = None
+
+    def __getitem__(self, i: int) -> int:
+        """The count of text ``i`` (tokenising all texts the first time).
+
+        :param i: the text's index
+        :return: its token count
+        """
+        if self._values is None:
+            assert self._count is not None and self._texts is not None
+            self._values = self._count(self._texts)
+            self._count = self._texts = None  # free the texts
+        return self._values[i]
+
+
+@dataclass
+class PendingCount:
+    """A token count not computed yet: entry ``index`` of ``counts``.
+
+    :param counts: the batch's counts
+    :param index: which text
+    """
+
+    counts: TokenCounts
+    index: int
+
+
+class _LazyCount:
+    """A dataclass field descriptor whose value may be a :class:`PendingCount`, resolved (once) when read."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self._slot = "_lazy_" + name
+
+    def __get__(self, obj: Any, objtype: type | None = None) -> int | None:
+        if obj is None:
+            return None  # the field's default
+        value = obj.__dict__.get(self._slot)
+        if isinstance(value, PendingCount):
+            value = value.counts[value.index]
+            obj.__dict__[self._slot] = value
+        return value
+
+    def __set__(self, obj: Any, value: int | PendingCount | None) -> None:
+        obj.__dict__[self._slot] = value
+
+
 @dataclass
 class CompressionResult:
     """One compressed text.
@@ -278,7 +376,9 @@ class CompressionResult:
         dropped tokens are deleted without a trace)
     :param units: what was dropped or kept together: ``"piece"`` (whole characters) or ``"word"``
     :param text_tokens: tokens of ``text`` when tokenised again (BPE may merge the kept tokens
-        differently; at most ``origin_tokens``)
+        differently; at most ``origin_tokens``). :meth:`Compressor.compress` passes a
+        :class:`PendingCount`: the texts of a call are tokenised again, together, the first time one of
+        their ``text_tokens`` is read, so a caller that never reads it does not pay for it
     :param warning: why the achieved rate falls short of the request (force-kept tokens, or whole units
         short by more than :data:`UNIT_SHORTFALL_WARNING`), else ``None``
     """
@@ -296,8 +396,16 @@ class CompressionResult:
     force_kept: np.ndarray = field(default_factory=lambda: np.zeros(0, dtype=bool))
     placeholder: str | None = None
     units: str = DEFAULT_UNITS
-    text_tokens: int | None = None
+    text_tokens: _LazyCount = _LazyCount()
     warning: str | None = None
+
+    def __getstate__(self) -> dict[str, Any]:
+        """The state for pickling and copying, with the token count computed (not the compressor behind it).
+
+        :return: the attributes
+        """
+        _ = self.text_tokens
+        return dict(self.__dict__)
 
     @property
     def dropped_mask(self) -> np.ndarray:
@@ -354,6 +462,23 @@ def text_with_placeholders(tokenizer: Any, ids: np.ndarray, kept: np.ndarray, pl
 
 
 # ---------------------------------------------------------------------------- the compressor
+class _Stages:
+    """A stopwatch that adds the time since the last lap to a named stage."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+        self._last = time.perf_counter()
+
+    def lap(self, name: str) -> None:
+        """Close a stage.
+
+        :param name: the stage that just ended
+        """
+        now = time.perf_counter()
+        self.seconds[name] = self.seconds.get(name, 0.0) + now - self._last
+        self._last = now
+
+
 class Compressor:
     """A trained compression policy with its reconstructor, ready to compress texts.
 
@@ -365,6 +490,9 @@ class Compressor:
     :param config: the run's ``config.json``
     :param reference_dir: the run's frozen reference reconstructor folder (loaded on first use)
     :param batch_size: windows per policy forward pass
+    :param matmul_dtype: the policy's matrix products at inference, ``"float32"`` (default: the trained
+        network's arithmetic) or ``"bfloat16"`` (faster on CPUs with AVX512-BF16 or AMX, a few masks
+        differ; see :data:`MATMUL_DTYPES`)
     """
 
     def __init__(
@@ -374,6 +502,7 @@ class Compressor:
         config: dict[str, Any],
         reference_dir: Path | None = None,
         batch_size: int = 16,
+        matmul_dtype: str = "float32",
     ) -> None:
         self.agent = agent
         self.reconstructor = reconstructor
@@ -382,6 +511,12 @@ class Compressor:
         self.reference_dir = reference_dir
         self._reference: Reconstructor | None = None
         self.batch_size = int(batch_size)
+        if matmul_dtype not in MATMUL_DTYPES:
+            raise ConfigError(f"matmul_dtype must be one of {sorted(MATMUL_DTYPES)}, got {matmul_dtype!r}")
+        self.matmul_dtype = matmul_dtype
+        #: Seconds spent in each stage of the last :meth:`compress` call (tokenize, units, windows, budgets,
+        #: policy, ranking, decode, results), for profiling.
+        self.last_stage_seconds: dict[str, float] = {}
         space = agent.observation_space
         self.seq_len = int(space["token_ids"].shape[0])
         self.observe_surprisal = "surprisal" in space.spaces
@@ -393,7 +528,7 @@ class Compressor:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def load(cls, run_dir: str | Path, device: str = "auto", batch_size: int = 16) -> Compressor:
+    def load(cls, run_dir: str | Path, device: str = "auto", batch_size: int = 16, matmul_dtype: str = "float32") -> Compressor:
         """Load a run folder written by ``experiments.train_ppo`` (or its ``checkpoints/latest`` folder).
 
         Needs ``config.json``, ``policy.safetensors`` + ``policy.json`` (the policy, rebuilt without
@@ -405,6 +540,7 @@ class Compressor:
         :param run_dir: the run folder
         :param device: ``"auto"`` (CUDA, MPS or CPU), ``"cpu"``, ``"cuda"``, ...
         :param batch_size: windows per policy forward pass
+        :param matmul_dtype: the policy's matrix products, ``"float32"`` or ``"bfloat16"`` (see :class:`Compressor`)
         :return: the compressor
         :raises CheckpointError: when the folder is missing, incomplete or corrupt (the message says
             what is missing; a :class:`TokenCompressError`)
@@ -421,7 +557,7 @@ class Compressor:
         vocab = int(space["token_ids"].high.max()) + 1
         if vocab != reconstructor.vocab_size:
             raise CheckpointError(f"the agent's vocabulary ({vocab}) differs from the reconstructor's ({reconstructor.vocab_size})")
-        return cls(agent, reconstructor, config, run.reference_dir, batch_size)
+        return cls(agent, reconstructor, config, run.reference_dir, batch_size, matmul_dtype)
 
     @property
     def reference(self) -> Reconstructor:
@@ -511,11 +647,15 @@ class Compressor:
         :return: per text, ``[n]`` int64 ids and ``[n]`` bool force-keep flags
         """
         want_offsets = bool(force_keep) and self.tokenizer.is_fast
-        enc = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=want_offsets, verbose=False)
+        fast = None if want_offsets else self._encode_ids(texts)
+        enc: Any = None
+        if fast is None:
+            enc = self.tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=want_offsets, verbose=False)
+            fast = [np.asarray(ids, dtype=np.int64) for ids in enc["input_ids"]]
         table = _cached_table(self.reconstructor, keep_digits)
         ids_list, keep_list = [], []
         for i, text in enumerate(texts):
-            ids = np.asarray(enc["input_ids"][i], dtype=np.int64)
+            ids = fast[i]
             keep = table[np.clip(ids, 0, table.shape[0] - 1)]
             if force_keep:
                 if want_offsets:
@@ -529,6 +669,45 @@ class Compressor:
             ids_list.append(ids)
             keep_list.append(keep)
         return ids_list, keep_list
+
+    def _backend(self) -> Any:
+        """The fast tokenizer's Rust backend when calling it directly gives what ``tokenizer(...)`` gives, else ``None``.
+
+        That is when it has no truncation or padding set and encodes special tokens as the wrapper would
+        (``split_special_tokens``); the wrapper call then only adds Python objects around the ids.
+
+        :return: the backend or ``None``
+        """
+        backend = getattr(self.tokenizer, "backend_tokenizer", None) if self.tokenizer.is_fast else None
+        if backend is None or not hasattr(backend, "encode_batch_fast"):
+            return None
+        if backend.truncation is not None or backend.padding is not None:
+            return None
+        if bool(getattr(backend, "encode_special_tokens", False)) != bool(getattr(self.tokenizer, "split_special_tokens", False)):
+            return None
+        return backend
+
+    def _encode_ids(self, texts: Sequence[str]) -> list[np.ndarray] | None:
+        """Token ids of each text (no special tokens added) from the Rust backend, without offsets.
+
+        :param texts: the texts
+        :return: per text ``[n]`` int64 ids, or ``None`` when the backend cannot be called directly
+        """
+        backend = self._backend()
+        if backend is None:
+            return None
+        return [np.array(e.ids, dtype=np.int64) for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
+
+    def _count_tokens(self, texts: Sequence[str]) -> list[int]:
+        """How many tokens each text has (no special tokens added).
+
+        :param texts: the texts
+        :return: the counts
+        """
+        backend = self._backend()
+        if backend is None:
+            return [len(ids) for ids in self.tokenizer(list(texts), add_special_tokens=False, verbose=False)["input_ids"]]
+        return [len(e) for e in backend.encode_batch_fast(list(texts), add_special_tokens=False)]
 
     def compress(
         self,
@@ -580,7 +759,9 @@ class Compressor:
         if any(not isinstance(s, str) for s in strings):
             raise InputError("force_keep must be a string or a list of strings")
         digits = self.keep_digits if keep_digits is None else bool(keep_digits)
+        stages = _Stages()
         ids_list, keep_list = self.tokenize(texts, strings, digits)
+        stages.lap("tokenize")
         counts = [len(ids) for ids in ids_list]
         for i, count in enumerate(counts):
             if count == 0:
@@ -593,31 +774,37 @@ class Compressor:
         for i, (ids, b) in enumerate(zip(ids_list, bounds, strict=True)):
             starts = unit_starts(ids, None, self.tokenizer, unit_kind)
             flags = keep_list[i].copy()
-            for edge in b[1:-1]:
-                if not starts[edge]:
-                    flags[edge - 1 : edge + 1] = True
+            edges = b[1:-1]
+            cut = edges[~starts[edges]]  # window boundaries inside a unit: keep the tokens on both sides
+            flags[cut - 1] = True
+            flags[cut] = True
             keep_list[i] = spread_to_units(flags[None], starts[None])[0]
             starts_list.append(starts)
+        stages.lap("units")
 
-        # Windows of all texts, padded to seq_len.
+        # Windows of all texts, padded to seq_len: token j of window w goes to row w, column j - b[w].
         n_windows = [len(b) - 1 for b in bounds]
         total = sum(n_windows)
         pad = self.reconstructor.pad_token_id
-        win_ids = np.full((total, self.seq_len), pad, dtype=np.int64)
-        win_valid = np.zeros((total, self.seq_len), dtype=bool)
-        win_keep = np.zeros((total, self.seq_len), dtype=bool)
-        win_starts = np.ones((total, self.seq_len), dtype=bool)
-        row = 0
-        for ids, keep, starts, b in zip(ids_list, keep_list, starts_list, bounds, strict=True):
-            for w in range(len(b) - 1):
-                size = int(b[w + 1] - b[w])
-                win_ids[row, :size] = ids[b[w] : b[w + 1]]
-                win_keep[row, :size] = keep[b[w] : b[w + 1]]
-                win_starts[row, :size] = starts[b[w] : b[w + 1]]
-                win_starts[row, 0] = True
-                win_valid[row, :size] = True
-                row += 1
+        first_row = np.concatenate([[0], np.cumsum(n_windows)])
+        window_of = [np.repeat(np.arange(len(b) - 1), np.diff(b)) for b in bounds]
+        flat = np.concatenate(
+            [(first_row[i] + w) * self.seq_len + np.arange(len(w)) - b[w] for i, (w, b) in enumerate(zip(window_of, bounds, strict=True))]
+        )
+        flat_ids = np.full(total * self.seq_len, pad, dtype=np.int64)
+        flat_valid = np.zeros(total * self.seq_len, dtype=bool)
+        flat_keep = np.zeros(total * self.seq_len, dtype=bool)
+        flat_starts = np.ones(total * self.seq_len, dtype=bool)
+        flat_ids[flat] = np.concatenate(ids_list)
+        flat_keep[flat] = np.concatenate(keep_list)
+        flat_starts[flat] = np.concatenate(starts_list)
+        flat_valid[flat] = True
+        shape = (total, self.seq_len)
+        win_ids, win_valid, win_keep = flat_ids.reshape(shape), flat_valid.reshape(shape), flat_keep.reshape(shape)
+        win_starts = flat_starts.reshape(shape)
+        win_starts[:, 0] = True
         maskable = win_valid & ~win_keep
+        stages.lap("windows")
 
         # Budgets per window, and the rate each window's policy observation carries.
         text_of_window = np.repeat(np.arange(len(texts)), n_windows)
@@ -648,6 +835,7 @@ class Compressor:
                 rows = slice(first[i], first[i + 1])
                 budget[rows] = segment_budgets(maskable[rows].reshape(1, -1), np.array([drops]), self.seq_len)[0]
 
+        stages.lap("budgets")
         logits = window_mask_logits(
             self.agent,
             win_ids,
@@ -656,8 +844,11 @@ class Compressor:
             win_rate.astype(np.float32),
             self.reconstructor if self.observe_surprisal else None,
             self.batch_size,
+            matmul_dtype=self.matmul_dtype,
         )
+        stages.lap("policy")
         dropped = budget_mask(logits, budget, maskable, units=win_starts)
+        stages.lap("ranking")
 
         # Back to texts.
         results: list[CompressionResult] = []
@@ -670,7 +861,8 @@ class Compressor:
             row += w
         compressed_ids = [ids[kept] for ids, kept in zip(ids_list, kept_all, strict=True)]
         decoded = [decode_ids(self.tokenizer, c) for c in compressed_ids]  # whole characters: exact text
-        retokenized = self.tokenizer(decoded, add_special_tokens=False, verbose=False)["input_ids"]
+        stages.lap("decode")
+        text_tokens = TokenCounts(self._count_tokens, decoded)  # counted when first read
         if placeholder is not None:
             decoded = [text_with_placeholders(self.tokenizer, ids, kept, placeholder) for ids, kept in zip(ids_list, kept_all, strict=True)]
         for i, ids in enumerate(ids_list):
@@ -705,10 +897,12 @@ class Compressor:
                     force_kept=keep_list[i],
                     placeholder=placeholder,
                     units=unit_kind,
-                    text_tokens=len(retokenized[i]),
+                    text_tokens=PendingCount(text_tokens, i),
                     warning=warning,
                 )
             )
+        stages.lap("results")
+        self.last_stage_seconds = stages.seconds
         return results[0] if single else results
 
     # ------------------------------------------------------------------ reconstruction

@@ -259,10 +259,9 @@ def spread_to_units(flags: np.ndarray, starts: np.ndarray) -> np.ndarray:
     flags = np.asarray(flags, dtype=bool)
     index = unit_index(starts)
     n, length = flags.shape
-    offset = (np.arange(n) * length)[:, None]
-    any_flag = np.zeros(n * length, dtype=bool)
-    np.logical_or.at(any_flag, (index + offset).ravel(), flags.ravel())
-    return any_flag[(index + offset)]
+    flat = (index + (np.arange(n) * length)[:, None]).ravel()
+    any_flag = np.bincount(flat, weights=flags.ravel(), minlength=n * length) > 0
+    return any_flag[flat].reshape(n, length)
 
 
 def decode_ids(tokenizer: Any, ids: Sequence[int] | np.ndarray) -> str:
@@ -275,5 +274,5 @@ def decode_ids(tokenizer: Any, ids: Sequence[int] | np.ndarray) -> str:
     :param ids: token ids
     :return: the text
     """
-    table = token_table(tokenizer)
-    return b"".join(table.raw[int(i)] for i in ids).decode("utf-8", errors="replace")
+    raw = token_table(tokenizer).raw
+    return b"".join([raw[i] for i in np.asarray(ids, dtype=np.int64).reshape(-1).tolist()]).decode("utf-8", errors="replace")
