@@ -370,6 +370,8 @@ def test_two_evaluations_are_compared_paired_by_window(tmp_path: Path) -> None:
     diff, lo, hi = paired_difference_between(path_a, path_b, 0.5, n_boot=200)
     assert diff == pytest.approx(pooled_a - pooled_b) and diff == pytest.approx(-1.0)
     assert lo == pytest.approx(-1.0) and hi == pytest.approx(-1.0)  # pairing cancels the document effect
+    rate_diff, _, _ = paired_difference_between(path_a, path_b, 0.5, n_boot=10, metric="achieved_mask_rate")
+    assert rate_diff == pytest.approx(0.0)  # another metric of the same sums: both dropped as many tokens
     with pytest.raises(InputError, match="no per-window figures"):
         read_window_stats(path_a, "random", 0.5)
     other_docs = write_window_stats(variant_b, ["a", "a", "b", "b", "c", "c", "d", "e"], tmp_path / "c.npz")

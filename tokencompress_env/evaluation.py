@@ -1002,8 +1002,9 @@ def paired_difference_between(
     reconstructor: str = "reference",
     n_boot: int = 1000,
     seed: int = 0,
+    metric: str = "bits_per_masked_token",
 ) -> tuple[float, float, float]:
-    """Bits per dropped token of ``method`` in evaluation ``a`` minus in evaluation ``b``, paired by window.
+    """``metric`` (bits per dropped token) of ``method`` in evaluation ``a`` minus in evaluation ``b``, paired by window.
 
     Both evaluations must have scored the same windows of the same documents (same split, windows and
     seed); the interval resamples documents.
@@ -1015,6 +1016,8 @@ def paired_difference_between(
     :param reconstructor: the scoring reconstructor's name
     :param n_boot: bootstrap replicates
     :param seed: seed of the bootstrap
+    :param metric: a metric of :func:`metrics_from_sums` (e.g. ``context_kept`` of evaluations with a
+        downstream reading)
     :return: ``(difference, low, high)``
     :raises InputError: when the two evaluations did not score the same windows
     """
@@ -1028,7 +1031,7 @@ def paired_difference_between(
     if not (np.array_equal(index_a, index_b) and same_docs and same_masked):
         raise InputError(f"{path_a} and {path_b} did not evaluate the same windows: no paired difference")
     groups = None if docs_a is None else group_numbers(docs_a, len(docs_a))[index_a]
-    return paired_difference(stats_a, stats_b, n_boot, seed, groups=groups)
+    return paired_difference(stats_a, stats_b, n_boot, seed, groups=groups, metric=metric)
 
 
 def write_results_json(records: Iterable[dict[str, Any]], path: str | Path) -> Path:
