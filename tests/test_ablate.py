@@ -98,3 +98,11 @@ def test_unknown_variant_is_rejected() -> None:
     with pytest.raises(ConfigError, match="compare_to"):
         AblateConfig(compare_to="distill").validate()
     assert set(VARIANTS) >= {"distill_only", "ppo_only", "distill_ppo", "distill_ppo_frozen", "distill_ppo_decisions"}
+
+
+def test_the_default_variants_leave_out_the_opt_in_ones() -> None:
+    from experiments.ablate import OPT_IN_VARIANTS
+
+    default = AblateConfig().variants
+    assert "search_teacher_only" in OPT_IN_VARIANTS and "search_teacher_only" not in default
+    assert set(default) | set(OPT_IN_VARIANTS) == set(VARIANTS)
