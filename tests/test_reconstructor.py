@@ -353,3 +353,35 @@ def test_continuation_bits_left_padding_changes_nothing(test_reconstructor: Reco
     # reading <bos> + context + continuation as one window: the same numbers as the scoring function
     whole = test_reconstructor.score(ids[:1], np.zeros((1, 40), dtype=bool)).surprisal[:, 30:]
     assert torch.allclose(whole, batched[:1], atol=1e-4)
+
+
+def test_tanh_gelu_is_fused_when_scoring_and_unchanged_when_training(test_reconstructor, test_windows):
+    from transformers.activations import NewGELUActivation
+
+    from tokencompress_env.reconstructor import GradAwareTanhGelu
+
+    acts = [m for m in test_reconstructor.model.modules() if isinstance(m, NewGELUActivation)]
+    assert acts and all(type(m) is GradAwareTanhGelu for m in acts)  # every GPT-2 MLP of the master
+    x = torch.linspace(-6, 6, 10_001)
+    composite = NewGELUActivation()(x)
+    act = acts[0]
+    assert torch.equal(act(x), composite)  # gradients recorded: the composite, bit for bit
+    y = x.clone().requires_grad_(True)
+    act(y).sum().backward()
+    z = x.clone().requires_grad_(True)
+    NewGELUActivation()(z).sum().backward()
+    assert torch.equal(y.grad, z.grad)  # and so are its gradients: training is unchanged
+    with torch.no_grad():
+        fused = act(x)
+    assert torch.equal(fused, torch.nn.functional.gelu(x, approximate="tanh"))
+    assert float((fused - composite).abs().max()) < 1e-5
+    # Scoring (no gradients) with the fused activation stays within float rounding of the composite.
+    ids = torch.as_tensor(test_windows["validation"][:8])
+    m = torch.as_tensor(_masks(tuple(ids.shape), 0.4, seed=3))
+    scored = test_reconstructor.score(ids, m).surprisal
+    with torch.enable_grad():  # the composite path, as in training, without the no-grad fast path
+        inputs = test_reconstructor.compressed_inputs(ids, m)
+        logits = test_reconstructor.model(input_ids=inputs).logits.detach().float()
+    logits[..., test_reconstructor.mask_token_id] = -torch.inf
+    reference = (torch.logsumexp(logits, -1) - logits.gather(-1, ids[..., None]).squeeze(-1)) / np.log(2)
+    assert torch.allclose(scored, reference, atol=1e-3)

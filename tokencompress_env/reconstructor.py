@@ -218,6 +218,38 @@ def _splits_head(model: PreTrainedModel) -> bool:
     return getattr(model.config, "model_type", None) == "gpt2"
 
 
+class GradAwareTanhGelu(NewGELUActivation):
+    """GPT-2's tanh GELU that runs as PyTorch's one-kernel version whenever no gradient is recorded.
+
+    With gradients (pretraining, fine-tuning) it is exactly :class:`~transformers.activations.NewGELUActivation`,
+    so training is unchanged to the bit; without (every scoring forward pass: rewards, labels, baselines,
+    evaluation) it is ``F.gelu(x, approximate="tanh")``, the same function rounded once instead of after
+    each of its five operations: about 30% faster scoring of the ``tiny`` reconstructor on a CPU, and
+    surprisal within a few millionths of a bit of the composite version.
+    """
+
+    def forward(self, input: torch.Tensor) -> torch.Tensor:
+        """Apply the activation.
+
+        :param input: any tensor
+        :return: the activation, fused when no gradient is recorded
+        """
+        if torch.is_grad_enabled():
+            return super().forward(input)
+        return F.gelu(input, approximate="tanh")
+
+
+def _grad_aware_tanh_gelu(model: torch.nn.Module) -> None:
+    """Let the master model's tanh GELUs run fused in no-grad forward passes (:class:`GradAwareTanhGelu`).
+
+    :param model: the model, changed in place (modules of other activations are left alone)
+    """
+    for module in list(model.modules()):
+        for name, child in module.named_children():
+            if type(child) is NewGELUActivation:
+                setattr(module, name, GradAwareTanhGelu())
+
+
 def _fuse_tanh_gelu(model: torch.nn.Module) -> None:
     """Replace GPT-2's tanh GELU, written as five elementwise operations, by PyTorch's one-kernel version.
 
@@ -259,6 +291,7 @@ class Reconstructor:
         self.device = resolve_device(device)
         self.model: PreTrainedModel = cast(Any, model).to(self.device)
         self.model.eval()
+        _grad_aware_tanh_gelu(self.model)
         self.tokenizer = tokenizer
         self.mask_token_id: int = int(tokenizer.mask_token_id)
         bos = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
