@@ -9,6 +9,8 @@ Each *variant* is the base training config with a few keys changed (:data:`VARIA
 * ``distill_ppo_decisions``: the full method with a policy that sees its earlier decisions;
 * ``distill_token_ppo``: the warm start, then PPO with per-token advantages (:mod:`agents.token_ppo`)
   jointly with the reconstructor;
+* ``cost_target_only``: the distillation regresses each token's surprisal (``distill_target="cost"``)
+  instead of classifying the cheapest tokens at the window's rate, no RL;
 * ``greedy_teacher_only``: the warm start imitates the masks of the ``greedy_threshold`` heuristic
   (``distill_teacher``, :func:`agents.distill.teacher_masks`) instead of the surprisal labels, no RL;
 * ``greedy_teacher_ppo``: that warm start, then PPO jointly with the reconstructor;
@@ -68,6 +70,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill_ppo_frozen": {"joint_training": False},
     "distill_ppo_decisions": {"use_decisions": True},
     "distill_token_ppo": {"algo": "token_ppo", "distill_steps": 0},
+    "cost_target_only": {"total_timesteps": 0, "distill_target": "cost"},
     "greedy_teacher_only": {"total_timesteps": 0, "distill_teacher": "greedy_threshold"},
     "greedy_teacher_ppo": {"distill_teacher": "greedy_threshold"},
     "search_teacher_only": {"total_timesteps": 0, "distill_teacher": "search", "distill_teacher_windows": 512},

@@ -224,7 +224,7 @@ class GradAwareTanhGelu(NewGELUActivation):
     With gradients (pretraining, fine-tuning) it is exactly :class:`~transformers.activations.NewGELUActivation`,
     so training is unchanged to the bit; without (every scoring forward pass: rewards, labels, baselines,
     evaluation) it is ``F.gelu(x, approximate="tanh")``, the same function rounded once instead of after
-    each of its five operations: about 30% faster scoring of the ``tiny`` reconstructor on a CPU, and
+    each of its five operations: about 20% faster scoring of the ``tiny`` reconstructor on a CPU, and
     surprisal within a few millionths of a bit of the composite version.
     """
 
