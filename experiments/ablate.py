@@ -11,6 +11,7 @@ Each *variant* is the base training config with a few keys changed (:data:`VARIA
   jointly with the reconstructor;
 * ``cost_target_only``: the distillation regresses each token's surprisal (``distill_target="cost"``)
   instead of classifying the cheapest tokens at the window's rate, no RL;
+* ``cost_target_ppo``: that warm start, then PPO jointly with the reconstructor;
 * ``greedy_teacher_only``: the warm start imitates the masks of the ``greedy_threshold`` heuristic
   (``distill_teacher``, :func:`agents.distill.teacher_masks`) instead of the surprisal labels, no RL;
 * ``greedy_teacher_ppo``: that warm start, then PPO jointly with the reconstructor;
@@ -71,6 +72,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill_ppo_decisions": {"use_decisions": True},
     "distill_token_ppo": {"algo": "token_ppo", "distill_steps": 0},
     "cost_target_only": {"total_timesteps": 0, "distill_target": "cost"},
+    "cost_target_ppo": {"distill_target": "cost"},
     "greedy_teacher_only": {"total_timesteps": 0, "distill_teacher": "greedy_threshold"},
     "greedy_teacher_ppo": {"distill_teacher": "greedy_threshold"},
     "search_teacher_only": {"total_timesteps": 0, "distill_teacher": "search", "distill_teacher_windows": 512},
@@ -82,6 +84,7 @@ SHARED_DISTILLATION = {
     "distill_ppo": "distill_only",
     "distill_ppo_frozen": "distill_only",
     "greedy_teacher_ppo": "greedy_teacher_only",
+    "cost_target_ppo": "cost_target_only",
     "distill_continuation_ppo": "distill_only",
 }
 #: Variants left out of the default list: the search teacher needs minutes of CPU per window (compute its
