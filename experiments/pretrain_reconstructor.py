@@ -26,7 +26,7 @@ from tokencompress_env.data import EMBEDDED
 from tokencompress_env.errors import ConfigError
 from tokencompress_env.pretrain import PRESET_BUILDS, BuildConfig, PretrainConfig, build_reconstructor
 from tokencompress_env.reconstructor import PRESETS, default_reconstructor_dir
-from tokencompress_env.trainer import is_main_process, make_accelerator
+from tokencompress_env.trainer import end_processes, is_main_process, make_accelerator
 
 _DEFAULT = PRESET_BUILDS["tiny"]
 
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     output = Path(c.output_dir) if c.output_dir else default_reconstructor_dir(c.preset)
     accelerator = make_accelerator(c.device)  # None in a plain process
-    _, report = build_reconstructor(
+    reconstructor, report = build_reconstructor(
         build,
         output,
         device=c.device,
@@ -131,8 +131,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     report.pop("build_config", None)
     if is_main_process(accelerator):
         print(json.dumps({"output_dir": str(output), **report}, indent=2))
-    if accelerator is not None:
-        accelerator.end_training()  # closes the process group
+    del reconstructor
+    end_processes(accelerator)  # closes the process group
 
 
 if __name__ == "__main__":

@@ -155,7 +155,7 @@ import numpy as np
 from callbacks.joint_training import ReconstructorFinetuneCallback
 from tokencompress_env.pretrain import weights_fingerprint
 from tokencompress_env.reconstructor import Reconstructor
-from tokencompress_env.trainer import ReconstructorTrainer, gather_objects, make_accelerator
+from tokencompress_env.trainer import ReconstructorTrainer, end_processes, gather_objects, make_accelerator
 
 accelerator = make_accelerator("cpu")
 reconstructor = Reconstructor.from_pretrained(sys.argv[1], device=accelerator.device)
@@ -170,7 +170,8 @@ weights = gather_objects(weights_fingerprint(reconstructor.model), accelerator)
 losses = gather_objects(loss, accelerator)
 if accelerator.is_main_process:
     print(json.dumps({"weights": weights, "losses": losses, "rounds": trainer.rounds, "steps": trainer.steps}))
-accelerator.end_training()
+del finetune, trainer, reconstructor  # the distributed model holds the process group
+end_processes(accelerator)
 """
 
 

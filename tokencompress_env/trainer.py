@@ -16,6 +16,7 @@ accept ``None`` for that case.
 
 from __future__ import annotations
 
+import gc
 import os
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, nullcontext
@@ -89,6 +90,24 @@ def wait_for_everyone(accelerator: Accelerator | None) -> None:
     """
     if accelerator is not None:
         accelerator.wait_for_everyone()
+
+
+def end_processes(accelerator: Accelerator | None) -> None:
+    """Close the process group once every process has finished (nothing in a single process).
+
+    Call it last, after dropping the references to the trainer (its distributed model holds the group):
+    the wrappers are collected first, the processes meet at a barrier, then the group is destroyed. A group
+    torn down while a distributed model still held it, or while the other process was still using it, made
+    gloo processes abort at exit ("terminate called without an active exception") about one run in five on a
+    loaded 2-core machine.
+
+    :param accelerator: the accelerator, or ``None``
+    """
+    if accelerator is None:
+        return
+    gc.collect()
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
 
 
 def main_process_first(accelerator: Accelerator | None, local: bool = True) -> Any:
