@@ -24,6 +24,14 @@ Three policies share this design:
 
 All three expose :meth:`~_TokenPolicyMixin.token_mask_logits`: one mask logit per position of whole
 windows at once, for ranking under a budget (exact rate control) without stepping the environment.
+
+Rate-calibrated logits (``rate_calibrated=True``): each window's logits are shifted by one offset so that
+the expected number of drops under the policy's Bernoulli actions equals the target (``target_mask_rate``
+times the window's real tokens, at most its maskable tokens; :func:`rate_calibrated_offset`). A shift per
+window leaves the order of the window's tokens, and so every mask chosen by ranking under a budget,
+unchanged; what it removes is the policy's freedom to miss the rate on average. Without it, a head whose
+logits do not follow the rate (a warm start that regresses each token's cost) samples the same fraction
+at every target, and PPO's rate penalty then moves all logits together instead of their order.
 """
 
 from __future__ import annotations
@@ -52,6 +60,38 @@ from agents.extractor import LocalContextExtractor, extractor_kwargs_for, linear
 INACTIVE_LOGIT = 20.0
 #: Default hidden sizes of the per-token head (``pi``) and of the value head (``vf``).
 DEFAULT_NET_ARCH: dict[str, list[int]] = {"pi": [64], "vf": [64]}
+
+#: Bisection steps of :func:`rate_calibrated_offset` (the bracket shrinks by 2**-40).
+CALIBRATION_ITERATIONS = 40
+
+
+def rate_calibrated_offset(logits: th.Tensor, maskable: th.Tensor, expected_drops: th.Tensor) -> th.Tensor:
+    """The offset ``t`` of each row with ``sum over maskable positions of sigmoid(logit - t) = expected_drops``.
+
+    Found by bisection on detached values, then one Newton step taken with gradients, which leaves the value
+    unchanged (the residual is zero there) and gives it the implicit-function gradient
+    ``dt/dlogit_j = s_j / sum(s)``, ``s = sigmoid' (logit - t)`` on the maskable positions: the calibrated
+    distribution is differentiated as the function of the logits it is.
+
+    :param logits: ``[B, L]`` finite mask logits
+    :param maskable: ``[B, L]`` bool, positions that may be dropped
+    :param expected_drops: ``[B]`` wanted expected drops, in ``[0, maskable count]``
+    :return: ``[B]`` offsets
+    """
+    mask = maskable.to(logits.dtype)
+    with th.no_grad():
+        values = logits.detach()
+        low = values.masked_fill(~maskable, float("inf")).amin(dim=1).nan_to_num(posinf=0.0) - 30.0
+        high = values.masked_fill(~maskable, float("-inf")).amax(dim=1).nan_to_num(neginf=0.0) + 30.0
+        for _ in range(CALIBRATION_ITERATIONS):
+            middle = (low + high) / 2
+            too_many = (th.sigmoid(values - middle[:, None]) * mask).sum(dim=1) > expected_drops
+            low, high = th.where(too_many, middle, low), th.where(too_many, high, middle)
+        start = (low + high) / 2
+    probs = th.sigmoid(logits - start[:, None]) * mask
+    slope = (probs * (1.0 - probs)).sum(dim=1).clamp(min=1e-6)
+    return start + (probs.sum(dim=1) - expected_drops) / slope
+
 
 #: LSTM (hidden, cell) states.
 LSTMStates = tuple[th.Tensor, th.Tensor]
@@ -263,6 +303,7 @@ class _TokenPolicyMixin(_MixinBase):
     ``token_features`` / ``summary`` / ``chunk_index`` / ``token_dim`` interface works), its ``chunk_size``
     is taken from the action space, ``net_arch`` gives the hidden sizes of the per-token head (``pi``) and
     of the value head (``vf``), default ``dict(pi=[64], vf=[64])``, and gSDE is not supported.
+    ``rate_calibrated`` shifts each window's logits to the target rate (see the module docstring).
     """
 
     action_dist: TokenBernoulliDistribution
@@ -276,9 +317,11 @@ class _TokenPolicyMixin(_MixinBase):
         net_arch: list[int] | dict[str, list[int]] | None = None,
         features_extractor_class: type[BaseFeaturesExtractor] = LocalContextExtractor,
         features_extractor_kwargs: dict[str, Any] | None = None,
+        rate_calibrated: bool = False,
         **kwargs: Any,
     ) -> None:
         _check_spaces(observation_space, action_space)
+        self.rate_calibrated = bool(rate_calibrated)
         if kwargs.get("use_sde", False):
             raise ValueError("gSDE is for continuous actions; per-token policies use Bernoulli actions")
         super().__init__(
@@ -292,6 +335,11 @@ class _TokenPolicyMixin(_MixinBase):
         )
 
     # ------------------------------------------------------------------ construction
+    def _get_constructor_parameters(self) -> dict[str, Any]:
+        data = super()._get_constructor_parameters()
+        data["rate_calibrated"] = self.rate_calibrated
+        return data
+
     @property
     def chunk_size(self) -> int:
         """Number of positions decided per step (the action size)."""
@@ -371,11 +419,31 @@ class _TokenPolicyMixin(_MixinBase):
         :return: ``(logits [B, k], active [B, k] bool)``
         """
         index, in_window = self._pi_tokens.chunk_index(pre["position"], self.chunk_size)
-        chunk = h_pi.gather(1, index.unsqueeze(-1).expand(-1, -1, h_pi.shape[-1]))
-        logits = self._head_logits(chunk, context)
+        if self.rate_calibrated:  # the offset depends on the whole window's logits
+            logits = self._calibrate(self._head_logits(h_pi, context), pre["valid"] > 0.5, pre["force_keep"] > 0.5, pre["target_mask_rate"])
+            logits = logits.gather(1, index)
+        else:
+            chunk = h_pi.gather(1, index.unsqueeze(-1).expand(-1, -1, h_pi.shape[-1]))
+            logits = self._head_logits(chunk, context)
         valid = pre["valid"].gather(1, index) > 0.5
         force_keep = pre["force_keep"].gather(1, index) > 0.5
         return logits, in_window & valid & ~force_keep
+
+    def _calibrate(self, logits: th.Tensor, valid: th.Tensor, force_keep: th.Tensor, target_mask_rate: th.Tensor) -> th.Tensor:
+        """Shift each window's logits to its target rate (:func:`rate_calibrated_offset`); unchanged without ``rate_calibrated``.
+
+        :param logits: ``[B, L]`` finite logits of whole windows
+        :param valid: ``[B, L]`` bool, real positions
+        :param force_keep: ``[B, L]`` bool, force-kept positions
+        :param target_mask_rate: ``[B]`` or ``[B, 1]`` target rates
+        :return: ``[B, L]`` logits
+        """
+        if not self.rate_calibrated:
+            return logits
+        maskable = valid & ~force_keep
+        wanted = target_mask_rate.reshape(-1).to(logits.dtype) * valid.sum(dim=1).to(logits.dtype)
+        expected = th.minimum(wanted, maskable.sum(dim=1).to(logits.dtype))
+        return logits - rate_calibrated_offset(logits, maskable, expected)[:, None]
 
     def _distribution(self, logits: th.Tensor, active: th.Tensor) -> TokenBernoulliDistribution:
         return self.action_dist.proba_distribution(logits, active)
@@ -403,7 +471,8 @@ class _TokenPolicyMixin(_MixinBase):
         Each logit comes from that token's features (its neighbourhood, the decisions passed in ``obs``, the
         target rate, the surprisal when observed) through the same head the chunk actions use, so for the
         positions of the current chunk they equal the logits of the step's action distribution (feed-forward
-        policies). ``position`` in ``obs`` is not used. Rank these under a budget for exact rate control.
+        policies; with ``rate_calibrated``, after the same per-window shift). ``position`` in ``obs`` is not
+        used. Rank these under a budget for exact rate control.
 
         :param obs: Observations as numpy arrays (single or batched) or batched tensors
         :param exclude_invalid: Set padding (``valid == 0``) and force-keep positions to ``-inf``
@@ -414,6 +483,7 @@ class _TokenPolicyMixin(_MixinBase):
         pre = self._preprocess(obs)  # type: ignore[arg-type]
         h_pi = self._pi_tokens.token_features(pre)
         logits = self._head_logits(h_pi, self._window_context(pre, h_pi))
+        logits = self._calibrate(logits, pre["valid"] > 0.5, pre["force_keep"] > 0.5, pre["target_mask_rate"])
         if exclude_invalid:
             blocked = (pre["valid"] < 0.5) | (pre["force_keep"] > 0.5)
             logits = logits.masked_fill(blocked, float("-inf"))
@@ -477,7 +547,8 @@ class _TokenPolicyMixin(_MixinBase):
             logits = self._head_logits(features, None)
         else:
             logits = self._head_inference(features, matmul_dtype)
-        return logits.float().masked_fill(~valid_b | force_b, float("-inf"))
+        logits = self._calibrate(logits.float(), valid_b, force_b, target_mask_rate)
+        return logits.masked_fill(~valid_b | force_b, float("-inf"))
 
     def _head_inference(self, features: th.Tensor, dtype: th.dtype) -> th.Tensor:
         """The per-token head with its matrix products in ``dtype`` (activations between them in that dtype too).

@@ -12,6 +12,10 @@ Each *variant* is the base training config with a few keys changed (:data:`VARIA
 * ``cost_target_only``: the distillation regresses each token's surprisal (``distill_target="cost"``)
   instead of classifying the cheapest tokens at the window's rate, no RL;
 * ``cost_target_ppo``: that warm start, then PPO jointly with the reconstructor;
+* ``cost_calibrated_ppo``: PPO from the ``cost_target_only`` policy with rate-calibrated logits (each
+  window's logits shifted so that the expected drops meet the target, ``rate_calibrated``): the same
+  ranking at the start, and PPO can change only the order and the sharpness;
+* ``distill_calibrated_ppo``: the same from the ``distill_only`` policy;
 * ``greedy_teacher_only``: the warm start imitates the masks of the ``greedy_threshold`` heuristic
   (``distill_teacher``, :func:`agents.distill.teacher_masks`) instead of the surprisal labels, no RL;
 * ``greedy_teacher_ppo``: that warm start, then PPO jointly with the reconstructor;
@@ -31,8 +35,10 @@ interval over documents: :mod:`tokencompress_env.evaluation`).
 
 The base config defaults to the quickstart's (``configs/dev/small_scale.json``), so ``distill_ppo`` is
 the quickstart's configuration. ``distill_ppo`` and ``distill_ppo_frozen`` continue the ``distill_only``
-run of their seed, and ``distill_token_ppo`` starts from its policy (``init_policy``; its per-token critic
-starts fresh), so each seed distils twice (the decision-aware policy has its own network).
+run of their seed, and ``distill_token_ppo`` and ``distill_calibrated_ppo`` start from its policy
+(``init_policy``; token_ppo's per-token critic starts fresh), as ``cost_calibrated_ppo`` starts from
+``cost_target_only``'s, so each seed distils twice for the default variants (the decision-aware policy has
+its own network) and once more for the cost target.
 
 Examples::
 
@@ -73,6 +79,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill_token_ppo": {"algo": "token_ppo", "distill_steps": 0},
     "cost_target_only": {"total_timesteps": 0, "distill_target": "cost"},
     "cost_target_ppo": {"distill_target": "cost"},
+    "cost_calibrated_ppo": {"distill_steps": 0, "rate_calibrated": True},
+    "distill_calibrated_ppo": {"distill_steps": 0, "rate_calibrated": True},
     "greedy_teacher_only": {"total_timesteps": 0, "distill_teacher": "greedy_threshold"},
     "greedy_teacher_ppo": {"distill_teacher": "greedy_threshold"},
     "search_teacher_only": {"total_timesteps": 0, "distill_teacher": "search", "distill_teacher_windows": 512},
@@ -91,7 +99,11 @@ SHARED_DISTILLATION = {
 #: cached masks on a GPU first, see :func:`agents.distill.teacher_masks`).
 OPT_IN_VARIANTS = ("search_teacher_only",)
 #: Variants of another algorithm that start from the distilled policy of the seed's distillation-only run (the value).
-INIT_FROM_DISTILLATION = {"distill_token_ppo": "distill_only"}
+INIT_FROM_DISTILLATION = {
+    "distill_token_ppo": "distill_only",
+    "cost_calibrated_ppo": "cost_target_only",
+    "distill_calibrated_ppo": "distill_only",
+}
 
 
 @dataclass

@@ -183,6 +183,11 @@ class TrainConfig:
         "let the policy see the decisions made so far; 'False' (default) makes it a one-pass ranker whose whole-window "
         "logits (used by 'compress()' and the evaluation) are exactly those it acted on in training",
     )
+    rate_calibrated: bool = option(
+        False,
+        "shift each window's mask logits so that the policy's expected drops equal the target rate (the order of the "
+        "window's tokens, and so every ranked mask, is unchanged); PPO then changes the order and the sharpness only",
+    )
     use_copy_features: bool = option(
         False,
         "give the policy the copy features of each token (does it repeat a token, bigram or trigram seen earlier in the"
@@ -590,6 +595,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "use_decisions": config.use_decisions,
                 "use_copy_features": config.use_copy_features,
             },
+            policy_kwargs={"rate_calibrated": config.rate_calibrated},
             tensorboard_log=tensorboard_log,
             **_algo_kwargs(config),
         )

@@ -28,7 +28,7 @@ from agents import (
     make_model,
 )
 from agents.extractor import N_COPY_FEATURES, copy_features
-from agents.policy import INACTIVE_LOGIT
+from agents.policy import INACTIVE_LOGIT, rate_calibrated_offset
 from tokencompress_env.errors import CheckpointError
 from tokencompress_env.run_folder import file_sha256
 
@@ -316,6 +316,73 @@ def test_whole_window_logits_match_chunk_logits() -> None:
     # recurrent policy: same interface
     rec = make_policy(RecurrentTokenActorCriticPolicy, env)
     assert rec.token_mask_logits(obs).shape == (4, 24)
+
+
+def test_rate_calibrated_offset_meets_the_expected_drops_with_the_implicit_gradient() -> None:
+    gen = th.Generator().manual_seed(0)
+    logits = (th.randn(5, 30, generator=gen, dtype=th.float64) * 3).requires_grad_()
+    maskable = th.rand(5, 30, generator=gen) < 0.8
+    maskable[3] = False  # a window with nothing to drop
+    counts = maskable.sum(1).double()
+    expected = th.tensor([0.2, 0.5, 0.9, 0.0, 1.0], dtype=th.float64) * counts
+    offset = rate_calibrated_offset(logits, maskable, expected)
+    probs = th.sigmoid(logits - offset[:, None]) * maskable
+    assert th.allclose(probs.sum(1), expected, atol=1e-6)
+    # the gradient is that of the offset as a function of the logits: ds/dlogit_j = s'_j / sum(s'), 0 elsewhere
+    offset[1].backward()
+    slope = (probs[1] * (1 - probs[1])).detach()
+    assert th.allclose(logits.grad[1], slope / slope.sum(), atol=1e-6)
+    assert th.all(logits.grad[1][~maskable[1]] == 0) and th.all(logits.grad[0] == 0)
+    # a finite-difference check of the same
+    bumped = logits.detach().clone()
+    bumped[1, 4] += 1e-4
+    numeric = (rate_calibrated_offset(bumped, maskable, expected)[1] - offset[1].detach()) / 1e-4
+    assert abs(float(numeric) - float(logits.grad[1, 4])) < 1e-3
+
+
+@pytest.mark.parametrize("cls", [TokenActorCriticPolicy, RecurrentTokenActorCriticPolicy])
+def test_rate_calibrated_policy_keeps_the_order_and_samples_the_target_rate(cls: type) -> None:
+    env = StandInTokenEnv(seq_len=24, chunk_size=8)
+    plain = make_policy(cls, env)
+    calibrated = cls(env.observation_space, env.action_space, lr, rate_calibrated=True, **SMALL_POLICY)
+    calibrated.load_state_dict(plain.state_dict())
+    with th.no_grad():
+        plain.action_net.weight.normal_(0, 1.0)
+        calibrated.action_net.weight.copy_(plain.action_net.weight)
+    obs = batch_obs(env, 4)
+    rates = th.tensor([[0.2], [0.4], [0.6], [0.8]])
+    obs["target_mask_rate"] = rates
+    with th.no_grad():
+        before, after = plain.token_mask_logits(obs), calibrated.token_mask_logits(obs)
+    open_ = (obs["valid"] == 1) & (obs["force_keep"] == 0)
+    for row in range(4):
+        shift = (after[row] - before[row])[open_[row]]
+        assert th.allclose(shift, shift[0].expand_as(shift), atol=1e-4)  # one offset per window: the same order
+        expected = float(rates[row]) * float(obs["valid"][row].sum())
+        assert abs(float(th.sigmoid(after[row][open_[row]]).sum()) - min(expected, float(open_[row].sum()))) < 1e-3
+    assert calibrated._get_constructor_parameters()["rate_calibrated"] is True
+    if cls is TokenActorCriticPolicy:  # the step's distribution uses the same shifted logits
+        obs["position"][:] = 8
+        with th.no_grad():
+            dist = calibrated.get_distribution(obs)
+        assert th.allclose(dist.distribution.logits[dist.active], after[:, 8:16][dist.active], atol=1e-5)
+
+
+def test_rate_calibrated_policy_survives_the_safe_artifact(tmp_path: Path) -> None:
+    from agents.artifact import load_policy_artifact, save_policy_artifact
+
+    env = DummyVecEnv([lambda: StandInTokenEnv(seq_len=24, chunk_size=8, surprisal=False)])
+    model = make_model("ppo", env, policy_kwargs={**SMALL_POLICY, "rate_calibrated": True}, n_steps=8, batch_size=8, seed=0)
+    save_policy_artifact(model, "ppo", tmp_path)
+    loaded = load_policy_artifact(tmp_path).policy
+    assert loaded.rate_calibrated
+    obs = batch_obs(StandInTokenEnv(seq_len=24, chunk_size=8, surprisal=False), 3)
+    with th.no_grad():
+        assert th.allclose(loaded.token_mask_logits(obs), model.policy.token_mask_logits(obs))
+        inference = loaded.inference_mask_logits(obs["token_ids"], obs["valid"], obs["force_keep"], obs["target_mask_rate"].reshape(-1))
+    assert th.equal(th.isneginf(inference), th.isneginf(loaded.token_mask_logits(obs)))
+    finite = th.isfinite(inference)
+    assert th.allclose(inference[finite], loaded.token_mask_logits(obs)[finite], atol=1e-5)
 
 
 def test_head_is_weight_shared_and_ortho_init() -> None:

@@ -211,6 +211,36 @@ def test_distillation_only_run(tmp_path, test_reconstructor_dir):
         TrainConfig(**{**base, "total_timesteps": -1}).validate()
 
 
+def test_rate_calibrated_run_from_a_distilled_policy(tmp_path, test_reconstructor_dir):
+    """PPO from a distilled policy with rate-calibrated logits: the same ranking at the start, the option saved."""
+    base = {k: v for k, v in json.loads(DEBUG.read_text()).items() if not k.startswith("_")}
+    common = {**base, "runs_dir": str(tmp_path), "tensorboard": False, "device": "cpu"}
+    train(TrainConfig(**{**common, "run_name": "distilled", "total_timesteps": 0, "distill_steps": 3, "distill_target": "cost"}))
+    source = load_policy_artifact(tmp_path / "distilled")
+    values = {
+        "run_name": "calibrated",
+        "distill_steps": 0,
+        "total_timesteps": 0,
+        "rate_calibrated": True,
+        "init_policy": str(tmp_path / "distilled"),
+    }
+    train(TrainConfig(**{**common, **values}))
+    start = load_policy_artifact(tmp_path / "calibrated")
+    assert start.policy.rate_calibrated and not source.policy.rate_calibrated
+    assert json.loads((tmp_path / "calibrated" / "config.json").read_text())["rate_calibrated"] is True
+    rng = np.random.default_rng(0)
+    ids = torch.as_tensor(rng.integers(0, 500, size=(3, base["seq_len"])))
+    real, keep = torch.ones(ids.shape, dtype=torch.bool), torch.zeros(ids.shape, dtype=torch.bool)
+    rates = torch.tensor([0.2, 0.5, 0.8])
+    with torch.no_grad():
+        before = source.policy.inference_mask_logits(ids, real, keep, rates)
+        after = start.policy.inference_mask_logits(ids, real, keep, rates)
+    assert torch.equal(before.argsort(dim=1, stable=True), after.argsort(dim=1, stable=True))
+    assert torch.allclose(torch.sigmoid(after).sum(dim=1), rates * base["seq_len"], atol=1e-3)
+    summary = train(TrainConfig(**{**common, **values, "run_name": "calibrated_ppo", "total_timesteps": 64}))
+    assert summary["num_timesteps"] >= 64 and load_policy_artifact(tmp_path / "calibrated_ppo").policy.rate_calibrated
+
+
 def test_run_leaves_reference_unchanged_and_no_sb3_temp_folder(tmp_path, test_reconstructor_dir, monkeypatch):
     """A joint run changes its reconstructor, never the reference; without TensorBoard it writes nothing to /tmp."""
     from safetensors.torch import load_file
