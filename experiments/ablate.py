@@ -16,6 +16,11 @@ Each *variant* is the base training config with a few keys changed (:data:`VARIA
   window's logits shifted so that the expected drops meet the target, ``rate_calibrated``): the same
   ranking at the start, and PPO can change only the order and the sharpness;
 * ``distill_calibrated_ppo``: the same from the ``distill_only`` policy;
+* ``cost_sharp_ppo``: ``cost_calibrated_ppo`` with the head's output layer scaled by 12 at the start
+  (``init_logit_scale``): the same ranking, sampled almost as the ranked masks, so that PPO explores
+  only near each rate's cut;
+* ``cost_sharp_start``: that policy before PPO (no RL steps): the same ranked masks as ``cost_target_only``,
+  and the sampled ones PPO starts from (``experiments.evaluate --methods policy policy_sampled``);
 * ``greedy_teacher_only``: the warm start imitates the masks of the ``greedy_threshold`` heuristic
   (``distill_teacher``, :func:`agents.distill.teacher_masks`) instead of the surprisal labels, no RL;
 * ``greedy_teacher_ppo``: that warm start, then PPO jointly with the reconstructor;
@@ -81,6 +86,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cost_target_ppo": {"distill_target": "cost"},
     "cost_calibrated_ppo": {"distill_steps": 0, "rate_calibrated": True},
     "distill_calibrated_ppo": {"distill_steps": 0, "rate_calibrated": True},
+    "cost_sharp_ppo": {"distill_steps": 0, "rate_calibrated": True, "init_logit_scale": 12.0},
+    "cost_sharp_start": {"distill_steps": 0, "total_timesteps": 0, "rate_calibrated": True, "init_logit_scale": 12.0},
     "greedy_teacher_only": {"total_timesteps": 0, "distill_teacher": "greedy_threshold"},
     "greedy_teacher_ppo": {"distill_teacher": "greedy_threshold"},
     "search_teacher_only": {"total_timesteps": 0, "distill_teacher": "search", "distill_teacher_windows": 512},
@@ -102,6 +109,8 @@ OPT_IN_VARIANTS = ("search_teacher_only",)
 INIT_FROM_DISTILLATION = {
     "distill_token_ppo": "distill_only",
     "cost_calibrated_ppo": "cost_target_only",
+    "cost_sharp_ppo": "cost_target_only",
+    "cost_sharp_start": "cost_target_only",
     "distill_calibrated_ppo": "distill_only",
 }
 

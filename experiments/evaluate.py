@@ -32,6 +32,9 @@ A run folder (written by ``experiments.train_ppo``) holds ``config.json``, ``ref
 pickle ``agent.zip``) and reports what is missing. The policy
 plugs in through :func:`tokencompress_env.baselines.policy_method`: its per-token mask logits (the
 agents package's ``token_mask_logits``) are ranked under the same budget as every baseline.
+``policy_sampled`` (only when named) is the diagnostic row of what reinforcement learning optimises: the
+policy's masks sampled as in training, each token dropped independently with its rate-calibrated
+probability (:func:`sampled_policy_method`), so its rate is met on average, not per window.
 """
 
 from __future__ import annotations
@@ -56,10 +59,14 @@ from tokencompress_env.baselines import (
     BASELINES,
     DEPRECATED_NAMES,
     POLICY,
+    POLICY_SAMPLED,
+    RUN_METHODS,
     SEARCH,
+    LogitFn,
     MaskMethod,
     MethodContext,
     canonical_method_name,
+    maskable_positions,
     policy_method,
     token_frequencies,
 )
@@ -168,8 +175,11 @@ class EvaluateConfig:
         unknown = [m for m in self.methods or [] if m not in METHOD_NAMES]
         if unknown:
             raise ConfigError(f"unknown method(s) {unknown}; choose from {list(METHOD_NAMES)}")
-        if self.methods is not None and POLICY in self.methods and not self.run:
-            raise ConfigError("method 'policy' needs a trained run: pass --run DIR (or leave 'policy' out of --methods)")
+        for name in RUN_METHODS:
+            if self.methods is not None and name in self.methods and not self.run:
+                raise ConfigError(f"method '{name}' needs a trained run: pass --run DIR (or leave '{name}' out of --methods)")
+        if self.methods is not None and POLICY_SAMPLED in self.methods and self.units != "piece":
+            raise ConfigError(f"method '{POLICY_SAMPLED}' samples single tokens: use --units piece")
         if self.split not in {"test", "validation", "train"}:
             raise ConfigError(f"split must be 'test' or 'validation' (or 'train'), got '{self.split}'")
         if self.downstream_context is not None and self.downstream_context < 0:
@@ -193,8 +203,51 @@ class EvaluateConfig:
 
         :return: names
         """
-        names = list(self.methods) if self.methods else ([POLICY] if self.run else []) + list(BASELINE_NAMES)  # search only when named
+        # search and policy_sampled only when named
+        names = list(self.methods) if self.methods else ([POLICY] if self.run else []) + list(BASELINE_NAMES)
         return list(dict.fromkeys(names))
+
+
+def sampled_policy_method(logit_fn: LogitFn, seed: int) -> MaskMethod:
+    """The policy's masks as reinforcement learning samples them, as a :class:`MaskMethod` (``policy_sampled``).
+
+    Each window's logits are shifted so that the expected number of drops is the rate times its real
+    tokens (at most its maskable tokens; :func:`agents.policy.rate_calibrated_offset`, the shift of a
+    ``rate_calibrated`` policy) and each maskable token is dropped independently with
+    ``sigmoid(logit - shift)``. The rate is met on average, not per window. Against ``policy`` (the same
+    logits ranked under the exact budget) it tells how far the sampled policy that PPO improves is from
+    the ranked one that compresses. Seeded by ``seed`` and the rate, so a rerun draws the same masks.
+
+    :param logit_fn: the policy's ``(input_ids, valid, rate) -> logits`` (``-inf`` where a token may not be dropped)
+    :param seed: seed of the draws
+    :return: the masking method
+    """
+    import torch
+
+    from agents.policy import rate_calibrated_offset
+
+    generators: dict[float, np.random.Generator] = {}
+
+    def method(
+        input_ids: np.ndarray,
+        rate: float,
+        context: MethodContext,
+        valid: np.ndarray | None = None,
+        force_keep: np.ndarray | None = None,
+    ) -> np.ndarray:
+        ids = np.asarray(input_ids)
+        valid_np = np.ones(ids.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
+        scores = np.asarray(logit_fn(ids, valid_np, float(rate)), dtype=np.float64)
+        maskable = maskable_positions(scores, valid_np, force_keep) & np.isfinite(scores)
+        logits = torch.as_tensor(np.where(maskable, scores, 0.0))
+        open_ = torch.as_tensor(maskable)
+        expected = torch.minimum(float(rate) * torch.as_tensor(valid_np.sum(axis=1), dtype=torch.float64), open_.sum(dim=1).double())
+        with torch.no_grad():
+            probs = torch.sigmoid(logits - rate_calibrated_offset(logits, open_, expected)[:, None]).numpy()
+        rng = generators.setdefault(float(rate), np.random.default_rng([seed, round(float(rate) * 1_000_000)]))
+        return (rng.random(ids.shape) < probs) & maskable
+
+    return method
 
 
 # ---------------------------------------------------------------------------- runs
@@ -321,7 +374,8 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
     rates = list(dict.fromkeys(config.mask_rates))
     if len(rates) < len(config.mask_rates):
         print(f"note: repeated mask rates are evaluated once: {rates}", file=sys.stderr)
-    if config.run and config.seq_len and POLICY in methods_wanted:
+    uses_policy = any(name in methods_wanted for name in RUN_METHODS)
+    if config.run and config.seq_len and uses_policy:
         run_seq_len = _run_seq_len(config.run[0])
         if run_seq_len is not None and run_seq_len != config.seq_len:
             raise ConfigError(
@@ -331,10 +385,10 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
     bundles: list[RunBundle] = []
     if config.run:
         for run_dir in config.run:
-            bundle = load_run(run_dir, config.device, load_agent=POLICY in methods_wanted)
+            bundle = load_run(run_dir, config.device, load_agent=uses_policy)
             for problem in bundle.problems:
                 print(f"note ({bundle.run_dir.name}): {problem}", file=sys.stderr)
-            if POLICY in methods_wanted and bundle.agent is None:
+            if uses_policy and bundle.agent is None:
                 raise InputError(
                     f"cannot evaluate 'policy' of '{run_dir}': {'; '.join(bundle.problems)}. "
                     "Finish the run (experiments.train_ppo --resume true) or leave 'policy' out of --methods"
@@ -450,6 +504,14 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
                     methods[name] = agent_sequential_method(bundle_or_none.agent, surprisal_rec, config.batch_size, keep_digits)
                 else:
                     methods[name] = policy_method(agent_logit_fn(bundle_or_none.agent, surprisal_rec, config.batch_size, keep_digits))
+            elif name == POLICY_SAMPLED:
+                assert bundle_or_none is not None
+                if bundle_or_none.config.get("use_decisions", False):
+                    raise ConfigError(f"'{POLICY_SAMPLED}' samples a one-pass policy; '{bundle_or_none.run_dir}' sees its decisions")
+                surprisal_rec = bundle_or_none.joint if bundle_or_none.joint is not None else rec
+                keep_digits = bool(bundle_or_none.config.get("keep_digits", False))
+                logit_fn = agent_logit_fn(bundle_or_none.agent, surprisal_rec, config.batch_size, keep_digits)
+                methods[name] = sampled_policy_method(logit_fn, config.seed)
             else:
                 methods[name] = None if name == SEARCH else BASELINES[name]
         if bundle_or_none is not None:
@@ -490,7 +552,9 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
             if bundles
             else f"Baselines only, reconstructor {config.reconstructor or 'tiny'}. "
         )
-        + "Rates are exact per window (round(rate x tokens)) up to whole units (see the achieved rate); "
+        + "Rates are exact per window (round(rate x tokens)) up to whole units (see the achieved rate)"
+        + (f"; '{POLICY_SAMPLED}' meets them on average only" if POLICY_SAMPLED in methods_wanted else "")
+        + "; "
         f"95% intervals: bootstrap over documents ({config.bootstrap} replicates, seed {config.seed}). "
         "Bits per masked token assume the reader knows where tokens were dropped; '+ position bits' adds log2 C(n, k) per window. "
         + (f"Search bound: {min(config.search_windows, len(windows))} windows. " if SEARCH in methods_wanted else "")

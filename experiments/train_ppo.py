@@ -188,6 +188,11 @@ class TrainConfig:
         "shift each window's mask logits so that the policy's expected drops equal the target rate (the order of the "
         "window's tokens, and so every ranked mask, is unchanged); PPO then changes the order and the sharpness only",
     )
+    init_logit_scale: float = option(
+        1.0,
+        "multiply the per-token head's output layer by this factor when the run starts (after init_policy): the same "
+        "ranking of every window's tokens, sampled more sharply (with rate_calibrated, closer to the ranked masks)",
+    )
     use_copy_features: bool = option(
         False,
         "give the policy the copy features of each token (does it repeat a token, bigram or trigram seen earlier in the"
@@ -252,7 +257,7 @@ class TrainConfig:
         for key in ("total_timesteps", "distill_steps", "save_freq", "verbose"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"{key} must be 0 or more, got {getattr(self, key)}")
-        for key in ("policy_lr", "distill_lr", "reconstructor_lr", "bits_saved_per_mask", "clip_range"):
+        for key in ("policy_lr", "distill_lr", "reconstructor_lr", "bits_saved_per_mask", "clip_range", "init_logit_scale"):
             if not getattr(self, key) > 0:
                 raise ConfigError(f"{key} must be positive, got {getattr(self, key)}")
         for key, low, high in (("gamma", 0.0, 1.0), ("gae_lambda", 0.0, 1.0), ("random_mask_fraction", 0.0, 1.0)):
@@ -601,6 +606,10 @@ def train(config: TrainConfig) -> dict[str, Any]:
         )
         if config.init_policy:
             _init_policy_from(model, config.init_policy)
+        if config.init_logit_scale != 1.0:
+            with torch.no_grad():  # a positive factor on the last linear layer: every logit scaled, no order changed
+                for parameter in model.policy.action_net.parameters():  # type: ignore[union-attr]
+                    parameter.mul_(config.init_logit_scale)
     if tensorboard_log is None:
         model.set_logger(quiet_logger(config.verbose))
     run_dir.mkdir(parents=True, exist_ok=True)

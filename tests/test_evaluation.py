@@ -416,3 +416,53 @@ def test_the_downstream_reading_of_a_subset_uses_each_windows_own_continuation(t
     assert whole["continuation_full"][2] < 1.0  # the key token predicts window 2's continuation
     for name in ("continuation_full", "continuation_none", "continuation_tokens"):
         assert subset[name][0] == pytest.approx(whole[name][2], rel=1e-6), name
+
+
+def test_sampled_policy_masks_meet_the_rate_on_average_and_follow_sharp_logits(
+    windows: np.ndarray, context: MethodContext, test_reconstructor: Reconstructor
+) -> None:
+    from experiments.evaluate import sampled_policy_method
+    from tokencompress_env.baselines import POLICY, POLICY_SAMPLED, policy_method
+
+    rng = np.random.default_rng(0)
+    ids = rng.integers(5, 400, size=(64, 32))
+    valid = np.ones(ids.shape, dtype=bool)
+    valid[:8, 24:] = False  # padded windows count their real tokens only
+    force_keep = np.zeros(ids.shape, dtype=bool)
+    force_keep[:, 0] = True
+
+    def flat(input_ids: np.ndarray, real: np.ndarray, rate: float) -> np.ndarray:
+        out = np.zeros(input_ids.shape)
+        out[:, 1] = -np.inf  # a token the policy itself never drops
+        return out
+
+    masks = sampled_policy_method(flat, seed=0)(ids, 0.25, context, valid, force_keep)
+    assert not masks[:, :2].any() and not masks[~valid].any()
+    counts = masks.sum(axis=1)
+    assert abs(counts.sum() / valid.sum() - 0.25) < 0.03  # on average...
+    assert len(set(counts[8:].tolist())) > 1  # ...not per window
+    again = sampled_policy_method(flat, seed=0)(ids, 0.25, context, valid, force_keep)
+    other_seed = sampled_policy_method(flat, seed=1)(ids, 0.25, context, valid, force_keep)
+    assert np.array_equal(masks, again) and not np.array_equal(masks, other_seed)
+
+    def sharp(input_ids: np.ndarray, real: np.ndarray, rate: float) -> np.ndarray:
+        return np.where(input_ids % 2 == 0, 200.0, -200.0) + input_ids * 1e-3  # even ids first, far apart
+
+    half_even = ids[:, :24] // 2 * 2  # even ids...
+    half_even[:, 12:] += 1  # ...then odd ones: 12 of each per window, so a rate of 0.5 drops exactly the even ones
+    ranked = policy_method(sharp)(half_even, 0.5, context)
+    sampled = sampled_policy_method(sharp, seed=0)(half_even, 0.5, context)
+    assert np.array_equal(sampled, ranked) and np.array_equal(ranked, half_even % 2 == 0)
+    # in the evaluation: a row of its own, paired with the policy, its achieved rate reported as it is
+    methods = {POLICY: policy_method(flat), POLICY_SAMPLED: sampled_policy_method(flat, seed=0)}
+    records = evaluate(methods, windows, {"reference": test_reconstructor}, [0.5], context, n_boot=50, seed=0)
+    [row] = [r for r in records if r["method"] == POLICY_SAMPLED]
+    assert row["policy_minus_method_bits_per_masked_token"] is not None and abs(row["achieved_mask_rate"] - 0.5) < 0.1
+
+
+def test_sampled_policy_needs_a_run_and_single_tokens() -> None:
+    with pytest.raises(ConfigError, match="needs a trained run"):
+        EvaluateConfig(methods=["policy_sampled"], reconstructor="tiny").validate()
+    with pytest.raises(ConfigError, match="samples single tokens"):
+        EvaluateConfig(methods=["policy", "policy_sampled"], run=["runs/x"], units="word").validate()
+    assert "policy_sampled" not in EvaluateConfig(run=["runs/x"]).method_names()  # only when named

@@ -239,6 +239,14 @@ def test_rate_calibrated_run_from_a_distilled_policy(tmp_path, test_reconstructo
     assert torch.allclose(torch.sigmoid(after).sum(dim=1), rates * base["seq_len"], atol=1e-3)
     summary = train(TrainConfig(**{**common, **values, "run_name": "calibrated_ppo", "total_timesteps": 64}))
     assert summary["num_timesteps"] >= 64 and load_policy_artifact(tmp_path / "calibrated_ppo").policy.rate_calibrated
+    # init_logit_scale: every logit of the distilled policy scaled, so the same order, sampled more sharply
+    scaled = {**values, "run_name": "scaled", "rate_calibrated": False, "init_logit_scale": 3.0}
+    train(TrainConfig(**{**common, **scaled}))
+    with torch.no_grad():
+        sharper = load_policy_artifact(tmp_path / "scaled").policy.inference_mask_logits(ids, real, keep, rates)
+    assert torch.allclose(sharper, 3.0 * before, atol=1e-5)
+    with pytest.raises(Exception, match="init_logit_scale must be positive"):
+        TrainConfig(**{**common, "init_logit_scale": 0.0}).validate()
 
 
 def test_run_leaves_reference_unchanged_and_no_sb3_temp_folder(tmp_path, test_reconstructor_dir, monkeypatch):

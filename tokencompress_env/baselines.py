@@ -94,6 +94,11 @@ DEPRECATED_NAMES = {"greedy_oracle": "greedy_threshold"}
 
 #: Name of the learned policy in every output.
 POLICY = "policy"
+#: The policy's masks as reinforcement learning samples them (independent drops at its rate-calibrated
+#: probabilities; the rate is met on average, not per window): a diagnostic row, run only when named.
+POLICY_SAMPLED = "policy_sampled"
+#: Methods computed from a run's policy (never shared between runs).
+RUN_METHODS = (POLICY, POLICY_SAMPLED)
 
 #: A function ``(token ids [N, L], real positions [N, L], target mask rate) -> mask logits [N, L]``
 #: (higher = drop first), such as an adapter around the agents package's ``token_mask_logits``.

@@ -67,6 +67,8 @@ from tqdm.auto import tqdm
 from tokencompress_env.baselines import (
     BASELINE_NAMES,
     POLICY,
+    POLICY_SAMPLED,
+    RUN_METHODS,
     SEARCH,
     MaskMethod,
     MethodContext,
@@ -81,7 +83,7 @@ from tokencompress_env.reconstructor import Reconstructor
 RECONSTRUCTOR_NAMES = ("reference", "joint")
 
 #: All method names, in report order (the search reference last).
-METHOD_NAMES = (POLICY, *BASELINE_NAMES, SEARCH)
+METHOD_NAMES = (POLICY, POLICY_SAMPLED, *BASELINE_NAMES, SEARCH)
 
 #: Metrics with a bootstrap interval in every record (field ``<metric>_ci95``).
 INTERVAL_METRICS = (
@@ -662,7 +664,7 @@ def compute_method_stats(
     :param reader: the downstream reader (``None``: no continuation figures)
     :param search_index: the windows the search runs on (``None``: all)
     :param mask_cache: (method, rate) -> (masks, seconds), filled and reused (e.g. the baselines of
-        several runs that share their reference reconstructor); the policy is never cached
+        several runs that share their reference reconstructor); the policy's methods are never cached
     :return: one :class:`MethodRate` per method and rate
     """
     ids = np.asarray(input_ids, dtype=np.int64)
@@ -675,13 +677,13 @@ def compute_method_stats(
         index = np.arange(len(ids)) if name != SEARCH or search_index is None else np.asarray(search_index, dtype=np.int64)
         sub_ids, sub_valid = ids[index], valid_np[index]
         bar.set_postfix_str(name)
-        cached = mask_cache is not None and name != POLICY and all((name, float(r)) in mask_cache for r in rates)
+        cached = mask_cache is not None and name not in RUN_METHODS and all((name, float(r)) in mask_cache for r in rates)
         if cached:
             assert mask_cache is not None
             results = [mask_cache[(name, float(r))] for r in rates]
         else:
             results = _method_masks(name, method, sub_ids, rates, context, sub_valid, None, progress)
-            if mask_cache is not None and name != POLICY:
+            if mask_cache is not None and name not in RUN_METHODS:
                 mask_cache.update({(name, float(r)): res for r, res in zip(rates, results, strict=True)})
         for rate, (masks, seconds) in zip(rates, results, strict=True):
             stats = {rec_name: score_masks(rec, sub_ids, masks, sub_valid, batch_size) for rec_name, rec in reconstructors.items()}
@@ -787,7 +789,7 @@ def _records_of_run(items: Sequence[MethodRate], groups_all: np.ndarray, n_boot:
             if item.method == SEARCH:  # the best baseline on the search's windows, for a like-for-like reading
                 best: tuple[float, str] | None = None
                 for other in items:
-                    if other.rate == item.rate and other.method not in (POLICY, SEARCH):
+                    if other.rate == item.rate and other.method not in (*RUN_METHODS, SEARCH):
                         sub = on_windows(other, rec_name, item.window_index)
                         bits = float(np.asarray(sub.ratios()["bits_per_masked_token"])) if sub is not None else math.nan
                         if math.isfinite(bits) and (best is None or bits < best[0]):
@@ -1092,7 +1094,7 @@ def verdict_lines(records: Sequence[Mapping[str, Any]], reconstructor: str = "re
     for rate in sorted({r["requested_mask_rate"] for r in rows}):
         at = [r for r in rows if r["requested_mask_rate"] == rate]
         policy = next((r for r in at if r["method"] == POLICY), None)
-        baselines = [r for r in at if r["method"] not in (POLICY, SEARCH) and r["bits_per_masked_token"] is not None]
+        baselines = [r for r in at if r["method"] not in (*RUN_METHODS, SEARCH) and r["bits_per_masked_token"] is not None]
         if policy is None or not baselines:
             continue
         best = min(baselines, key=lambda r: r["bits_per_masked_token"])
