@@ -27,7 +27,7 @@ windows at once, for ranking under a budget (exact rate control) without steppin
 
 Rate-calibrated logits (``rate_calibrated=True``): each window's logits are shifted by one offset so that
 the expected number of drops under the policy's Bernoulli actions equals the target (``target_mask_rate``
-times the window's real tokens, at most its maskable tokens; :func:`rate_calibrated_offset`). A shift per
+times the window's real tokens, at most its maskable tokens; :func:`rate_calibrated_logits`). A shift per
 window leaves the order of the window's tokens, and so every mask chosen by ranking under a budget,
 unchanged; what it removes is the policy's freedom to miss the rate on average. Without it, a head whose
 logits do not follow the rate (a warm start that regresses each token's cost) samples the same fraction
@@ -91,6 +91,24 @@ def rate_calibrated_offset(logits: th.Tensor, maskable: th.Tensor, expected_drop
     probs = th.sigmoid(logits - start[:, None]) * mask
     slope = (probs * (1.0 - probs)).sum(dim=1).clamp(min=1e-6)
     return start + (probs.sum(dim=1) - expected_drops) / slope
+
+
+def rate_calibrated_logits(logits: th.Tensor, valid: th.Tensor, maskable: th.Tensor, target_mask_rate: th.Tensor) -> th.Tensor:
+    """Each window's logits shifted so that its expected drops are the target rate times its real tokens.
+
+    The expected drops are capped at the window's maskable tokens (the rule of TokenMask-v0's rate term:
+    the mask rate counts every real token); :func:`rate_calibrated_offset` finds the shift.
+
+    :param logits: ``[B, L]`` mask logits, finite at the maskable positions
+    :param valid: ``[B, L]`` bool, real positions
+    :param maskable: ``[B, L]`` bool, positions that may be dropped
+    :param target_mask_rate: ``[B]`` or ``[B, 1]`` target rates
+    :return: ``[B, L]`` shifted logits (what is not maskable is shifted too, and means nothing)
+    """
+    finite = logits.masked_fill(~maskable, 0.0)
+    wanted = target_mask_rate.reshape(-1).to(logits.dtype) * valid.sum(dim=1).to(logits.dtype)
+    expected = th.minimum(wanted, maskable.sum(dim=1).to(logits.dtype))
+    return logits - rate_calibrated_offset(finite, maskable, expected)[:, None]
 
 
 #: LSTM (hidden, cell) states.
@@ -430,7 +448,7 @@ class _TokenPolicyMixin(_MixinBase):
         return logits, in_window & valid & ~force_keep
 
     def _calibrate(self, logits: th.Tensor, valid: th.Tensor, force_keep: th.Tensor, target_mask_rate: th.Tensor) -> th.Tensor:
-        """Shift each window's logits to its target rate (:func:`rate_calibrated_offset`); unchanged without ``rate_calibrated``.
+        """Shift each window's logits to its target rate (:func:`rate_calibrated_logits`); unchanged without ``rate_calibrated``.
 
         :param logits: ``[B, L]`` finite logits of whole windows
         :param valid: ``[B, L]`` bool, real positions
@@ -440,10 +458,7 @@ class _TokenPolicyMixin(_MixinBase):
         """
         if not self.rate_calibrated:
             return logits
-        maskable = valid & ~force_keep
-        wanted = target_mask_rate.reshape(-1).to(logits.dtype) * valid.sum(dim=1).to(logits.dtype)
-        expected = th.minimum(wanted, maskable.sum(dim=1).to(logits.dtype))
-        return logits - rate_calibrated_offset(logits, maskable, expected)[:, None]
+        return rate_calibrated_logits(logits, valid, valid & ~force_keep, target_mask_rate)
 
     def _distribution(self, logits: th.Tensor, active: th.Tensor) -> TokenBernoulliDistribution:
         return self.action_dist.proba_distribution(logits, active)

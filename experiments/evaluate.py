@@ -212,7 +212,7 @@ def sampled_policy_method(logit_fn: LogitFn, seed: int) -> MaskMethod:
     """The policy's masks as reinforcement learning samples them, as a :class:`MaskMethod` (``policy_sampled``).
 
     Each window's logits are shifted so that the expected number of drops is the rate times its real
-    tokens (at most its maskable tokens; :func:`agents.policy.rate_calibrated_offset`, the shift of a
+    tokens (at most its maskable tokens; :func:`agents.policy.rate_calibrated_logits`, the shift of a
     ``rate_calibrated`` policy) and each maskable token is dropped independently with
     ``sigmoid(logit - shift)``. The rate is met on average, not per window. Against ``policy`` (the same
     logits ranked under the exact budget) it tells how far the sampled policy that PPO improves is from
@@ -224,7 +224,7 @@ def sampled_policy_method(logit_fn: LogitFn, seed: int) -> MaskMethod:
     """
     import torch
 
-    from agents.policy import rate_calibrated_offset
+    from agents.policy import rate_calibrated_logits
 
     generators: dict[float, np.random.Generator] = {}
 
@@ -239,11 +239,10 @@ def sampled_policy_method(logit_fn: LogitFn, seed: int) -> MaskMethod:
         valid_np = np.ones(ids.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
         scores = np.asarray(logit_fn(ids, valid_np, float(rate)), dtype=np.float64)
         maskable = maskable_positions(scores, valid_np, force_keep) & np.isfinite(scores)
-        logits = torch.as_tensor(np.where(maskable, scores, 0.0))
-        open_ = torch.as_tensor(maskable)
-        expected = torch.minimum(float(rate) * torch.as_tensor(valid_np.sum(axis=1), dtype=torch.float64), open_.sum(dim=1).double())
+        rates = torch.full((len(ids),), float(rate), dtype=torch.float64)
         with torch.no_grad():
-            probs = torch.sigmoid(logits - rate_calibrated_offset(logits, open_, expected)[:, None]).numpy()
+            shifted = rate_calibrated_logits(torch.as_tensor(scores), torch.as_tensor(valid_np), torch.as_tensor(maskable), rates)
+        probs = torch.sigmoid(shifted).numpy()
         rng = generators.setdefault(float(rate), np.random.default_rng([seed, round(float(rate) * 1_000_000)]))
         return (rng.random(ids.shape) < probs) & maskable
 
