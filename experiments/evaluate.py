@@ -238,7 +238,7 @@ def sampled_policy_method(logit_fn: LogitFn, seed: int) -> MaskMethod:
         ids = np.asarray(input_ids)
         valid_np = np.ones(ids.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
         scores = np.asarray(logit_fn(ids, valid_np, float(rate)), dtype=np.float64)
-        maskable = maskable_positions(scores, valid_np, force_keep) & np.isfinite(scores)
+        maskable = maskable_positions(ids, valid_np, force_keep) & np.isfinite(scores)
         rates = torch.full((len(ids),), float(rate), dtype=torch.float64)
         with torch.no_grad():
             shifted = rate_calibrated_logits(torch.as_tensor(scores), torch.as_tensor(valid_np), torch.as_tensor(maskable), rates)
