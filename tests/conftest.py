@@ -38,6 +38,18 @@ def tc_home(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return home
 
 
+@pytest.fixture(scope="session", autouse=True)
+def sb3_logdir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Give SB3's logger a folder inside the session's temporary folder (subprocesses inherit it).
+
+    Without a folder, SB3 makes an empty ``SB3-<date>`` folder in the system's temporary folder for every
+    model that logs to stdout only; the suite left hundreds of them behind.
+    """
+    folder = tmp_path_factory.mktemp("sb3_logs")
+    os.environ["SB3_LOGDIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def test_reconstructor_dir(tc_home: Path) -> Path:
     """Build the ``test`` preset once; also cache it as the ``tiny`` default (see module docstring)."""
