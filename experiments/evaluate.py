@@ -228,25 +228,16 @@ def sampled_policy_method(logit_fn: LogitFn, seed: int) -> MaskMethod:
 
     generators: dict[float, np.random.Generator] = {}
 
-    def method(
-        input_ids: np.ndarray,
-        rate: float,
-        context: MethodContext,
-        valid: np.ndarray | None = None,
-        force_keep: np.ndarray | None = None,
-    ) -> np.ndarray:
-        ids = np.asarray(input_ids)
-        valid_np = np.ones(ids.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
-        scores = np.asarray(logit_fn(ids, valid_np, float(rate)), dtype=np.float64)
-        maskable = maskable_positions(ids, valid_np, force_keep) & np.isfinite(scores)
-        rates = torch.full((len(ids),), float(rate), dtype=torch.float64)
+    def sample(scores: np.ndarray, rate: float, valid: np.ndarray, force_keep: np.ndarray | None, units: np.ndarray | None) -> np.ndarray:
+        scores = np.asarray(scores, dtype=np.float64)
+        maskable = maskable_positions(scores, valid, force_keep) & np.isfinite(scores)
+        rates = torch.full((len(scores),), float(rate), dtype=torch.float64)
         with torch.no_grad():
-            shifted = rate_calibrated_logits(torch.as_tensor(scores), torch.as_tensor(valid_np), torch.as_tensor(maskable), rates)
-        probs = torch.sigmoid(shifted).numpy()
+            shifted = rate_calibrated_logits(torch.as_tensor(scores), torch.as_tensor(valid), torch.as_tensor(maskable), rates)
         rng = generators.setdefault(float(rate), np.random.default_rng([seed, round(float(rate) * 1_000_000)]))
-        return (rng.random(ids.shape) < probs) & maskable
+        return (rng.random(scores.shape) < torch.sigmoid(shifted).numpy()) & maskable
 
-    return method
+    return policy_method(logit_fn, sample)
 
 
 # ---------------------------------------------------------------------------- runs

@@ -402,10 +402,16 @@ def logits_to_mask(
     return budget_mask(scores, rate_budget(rate, valid, maskable), maskable, units=units)
 
 
-def policy_method(logit_fn: LogitFn) -> MaskMethod:
+#: Turns a policy's logits into masks: ``(logits, rate, valid, force_keep, unit starts) -> [N, L] bool``.
+MasksFromLogits = Callable[[np.ndarray, float, np.ndarray, "np.ndarray | None", "np.ndarray | None"], np.ndarray]
+
+
+def policy_method(logit_fn: LogitFn, masks_from_logits: MasksFromLogits = logits_to_mask) -> MaskMethod:
     """Wrap a per-token mask-logit function (the learned policy) as a :class:`MaskMethod`.
 
     :param logit_fn: ``(input_ids [N, L], valid [N, L], rate) -> logits [N, L]``, higher = drop first
+    :param masks_from_logits: how the logits become masks (default :func:`logits_to_mask`: ranked under
+        the exact budget; the evaluation's ``policy_sampled`` passes a sampler)
     :return: the method
     """
 
@@ -419,7 +425,7 @@ def policy_method(logit_fn: LogitFn) -> MaskMethod:
         ids = np.asarray(input_ids)
         valid_np = np.ones(ids.shape, dtype=bool) if valid is None else np.asarray(valid, dtype=bool)
         logits = logit_fn(ids, valid_np, float(rate))
-        return logits_to_mask(logits, rate, valid_np, force_keep, None if context is None else context.unit_starts(ids, valid_np))
+        return masks_from_logits(logits, rate, valid_np, force_keep, None if context is None else context.unit_starts(ids, valid_np))
 
     return method
 
