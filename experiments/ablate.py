@@ -11,6 +11,9 @@ Each *variant* is the base training config with a few keys changed (:data:`VARIA
   jointly with the reconstructor;
 * ``cost_target_only``: the distillation regresses each token's surprisal (``distill_target="cost"``)
   instead of classifying the cheapest tokens at the window's rate, no RL;
+* ``cost_fast_only``: ``cost_target_only`` with the fast policy: four depthwise-separable convolution
+  blocks of kernel 7 (``separable_conv``, ``conv_kernel_size``, ``conv_dilations``: the same 49-token
+  receptive field) and ReLU heads (``activation_fn``), for a ``compress()`` about twice as fast;
 * ``cost_target_ppo``: that warm start, then PPO jointly with the reconstructor;
 * ``cost_calibrated_ppo``: PPO from the ``cost_target_only`` policy with rate-calibrated logits (each
   window's logits shifted so that the expected drops meet the target, ``rate_calibrated``): the same
@@ -83,6 +86,14 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill_ppo_decisions": {"use_decisions": True},
     "distill_token_ppo": {"algo": "token_ppo", "distill_steps": 0},
     "cost_target_only": {"total_timesteps": 0, "distill_target": "cost"},
+    "cost_fast_only": {
+        "total_timesteps": 0,
+        "distill_target": "cost",
+        "separable_conv": True,
+        "conv_kernel_size": 7,
+        "conv_dilations": [1, 2, 4, 1],
+        "activation_fn": "relu",
+    },
     "cost_target_ppo": {"distill_target": "cost"},
     "cost_calibrated_ppo": {"distill_steps": 0, "rate_calibrated": True},
     "distill_calibrated_ppo": {"distill_steps": 0, "rate_calibrated": True},

@@ -99,6 +99,8 @@ POSITIVE_INTS = (
     "reconstructor_grad_accum",
     "joint_interval",
 )
+#: Activations of the policy's heads by option value (SB3's ``activation_fn``; PPO's default is tanh).
+HEAD_ACTIVATIONS: dict[str, type[torch.nn.Module]] = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU, "gelu": torch.nn.GELU}
 #: Options of a run that configure its environment (declared by :class:`EnvConfig`, whose defaults and docs they take).
 ENV_OPTIONS = (
     "corpus",
@@ -178,6 +180,15 @@ class TrainConfig:
     clip_range: float = option(0.2, "PPO clip range")
     embed_dim: int = option(192, "width of the policy's token embedding")
     hidden_dim: int = option(64, "width of the policy's per-token features and convolution layers")
+    conv_kernel_size: int = option(5, "kernel size of the policy's convolutions (odd)")
+    conv_dilations: tuple[int, ...] = option((1, 2, 4, 1, 2, 2), "one convolution block per entry, with that dilation")
+    activation_fn: str = option(
+        "tanh",
+        "activation between the layers of the policy's per-token and value heads: " + ", ".join(f"'{name}'" for name in HEAD_ACTIVATIONS),
+    )
+    separable_conv: bool = option(
+        False, "depthwise-separable convolutions in the policy: about 5 times fewer multiply-adds per block (faster compress())"
+    )
     use_decisions: bool = option(
         False,
         "let the policy see the decisions made so far; 'False' (default) makes it a one-pass ranker whose whole-window "
@@ -275,6 +286,13 @@ class TrainConfig:
             raise ConfigError(f"distill_teacher must be one of {', '.join(DISTILL_TEACHERS)}, got '{self.distill_teacher}'")
         if self.distill_teacher != SURPRISAL_TEACHER and self.distill_target != "rank":
             raise ConfigError(f"distill_teacher '{self.distill_teacher}' gives masks, not costs: use distill_target 'rank'")
+        if self.activation_fn not in HEAD_ACTIVATIONS:
+            raise ConfigError(f"activation_fn must be one of {', '.join(HEAD_ACTIVATIONS)}, got '{self.activation_fn}'")
+        if self.conv_kernel_size < 1 or self.conv_kernel_size % 2 == 0 or not self.conv_dilations or min(self.conv_dilations) < 1:
+            raise ConfigError(
+                "conv_kernel_size must be odd and positive and conv_dilations positive and not empty, "
+                f"got {self.conv_kernel_size} and {list(self.conv_dilations)}"
+            )
         if self.scoring_dtype not in SCORING_DTYPES:
             raise ConfigError(f"scoring_dtype must be one of {', '.join(SCORING_DTYPES)}, got '{self.scoring_dtype}'")
         if self.distill_save_freq < 0:
@@ -599,8 +617,11 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "hidden_dim": config.hidden_dim,
                 "use_decisions": config.use_decisions,
                 "use_copy_features": config.use_copy_features,
+                "kernel_size": config.conv_kernel_size,
+                "dilations": list(config.conv_dilations),
+                "separable": config.separable_conv,
             },
-            policy_kwargs={"rate_calibrated": config.rate_calibrated},
+            policy_kwargs={"rate_calibrated": config.rate_calibrated, "activation_fn": HEAD_ACTIVATIONS[config.activation_fn]},
             tensorboard_log=tensorboard_log,
             **_algo_kwargs(config),
         )

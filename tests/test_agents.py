@@ -15,6 +15,8 @@ import pytest
 import torch as th
 from gymnasium import spaces
 from stable_baselines3.common.vec_env import DummyVecEnv
+from torch import nn
+from torch.nn import functional as F
 
 from agents import (
     ALGORITHMS,
@@ -27,7 +29,7 @@ from agents import (
     load_model,
     make_model,
 )
-from agents.extractor import N_COPY_FEATURES, copy_features
+from agents.extractor import N_COPY_FEATURES, ConvBlock, copy_features
 from agents.policy import INACTIVE_LOGIT, rate_calibrated_offset
 from tokencompress_env.errors import CheckpointError
 from tokencompress_env.run_folder import file_sha256
@@ -196,6 +198,61 @@ def test_copy_features_reach_the_whole_window() -> None:
     assert th.allclose(out[0, 30], base[0, 30])  # neither near position 0 nor a repeat
     without = LocalContextExtractor(space, embed_dim=32, hidden_dim=32).eval()
     assert th.allclose(without.token_features(far)[0, 63], without.token_features(obs)[0, 63])
+
+
+def test_separable_block_is_a_depthwise_then_channel_mixing_convolution() -> None:
+    """ConvBlock(separable=True) against torch's grouped Conv1d; its inference path is the same arithmetic."""
+    th.manual_seed(0)
+    dim, length = 8, 20
+    block = ConvBlock(dim, kernel_size=7, dilation=2, separable=True).eval()
+    assert block.columns_width == dim and block.reach == 6
+    x = th.randn(2, length, dim)
+    valid = th.ones(2, length, 1)
+    valid[1, 15:] = 0
+    depthwise = nn.Conv1d(dim, dim, 7, dilation=2, padding=6, groups=dim, bias=False)
+    with th.no_grad():
+        depthwise.weight.copy_(block.depthwise.t().unsqueeze(1))  # [dim, 1, kernel]
+        mixed = depthwise((block.norm(x) * valid).transpose(1, 2)).transpose(1, 2)
+        expected = x + F.gelu(block.conv(mixed))
+        out = block(x, valid)
+        assert th.allclose(out, expected, atol=1e-5)
+        margin = 9  # any margin >= reach, as the extractor's shared buffer
+        padded = th.zeros(2, length + 2 * margin, dim)
+        inplace = x.clone()
+        block.forward_inplace(inplace, valid, padded, th.empty(2, length, dim), block.inference_weights(th.float32))
+    assert th.equal(inplace, out)
+
+
+def test_separable_extractor_is_local_cheaper_and_exact_on_the_inference_path() -> None:
+    th.manual_seed(0)
+    space = token_obs_space(64, 512)
+    space.seed(0)
+    full = LocalContextExtractor(space, embed_dim=32, hidden_dim=32).eval()
+    ext = LocalContextExtractor(space, embed_dim=32, hidden_dim=32, kernel_size=7, dilations=(1, 2, 4, 1), separable=True).eval()
+    assert sum(b.reach for b in ext.blocks) == sum(b.reach for b in full.blocks) == 24  # the same 49-token field
+    obs = {k: th.as_tensor(np.stack([s.sample() for _ in range(3)])).float() for k, s in space.spaces.items()}
+    obs["valid"][:] = 1
+    obs["valid"][2, 40:] = 0
+    obs["decisions"][:] = 0
+    with th.no_grad():
+        base = ext.token_features(obs)
+        far = {k: v.clone() for k, v in obs.items()}
+        far["token_ids"][0, 0] = (far["token_ids"][0, 0] + 1) % 512
+        moved = ext.token_features(far)
+        assert th.allclose(moved[0, 25:], base[0, 25:]) and not th.equal(moved[0, 24], base[0, 24])
+        fast = ext.inference_token_features(
+            obs["token_ids"].long(), obs["valid"].bool(), obs["force_keep"].bool(), obs["target_mask_rate"].reshape(-1)
+        )
+    assert th.equal(fast, base)
+
+    from torch.utils.flop_counter import FlopCounterMode
+
+    def flops(extractor: LocalContextExtractor) -> int:
+        with th.no_grad(), FlopCounterMode(display=False) as counter:
+            extractor.token_features(obs)
+        return counter.get_total_flops()
+
+    assert flops(ext) * 4 < flops(full)  # the matrix products: 4 blocks of 32x32 against 6 of (5*32)x32
 
 
 def test_extractor_cost_per_window() -> None:

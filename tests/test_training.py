@@ -16,6 +16,8 @@ import torch
 from agents.artifact import load_policy_artifact
 from callbacks.joint_training import ReconstructorFinetuneCallback, masks_from_rollout
 from experiments.train_ppo import TrainConfig, train
+from tokencompress_env.errors import ConfigError
+from tokencompress_env.observation import build_observation
 from tokencompress_env.reconstructor import resolve_scoring_dtype
 from tokencompress_env.trainer import ReconstructorTrainer
 
@@ -247,6 +249,33 @@ def test_rate_calibrated_run_from_a_distilled_policy(tmp_path, test_reconstructo
     assert torch.allclose(sharper, 3.0 * before, atol=1e-5)
     with pytest.raises(Exception, match="init_logit_scale must be positive"):
         TrainConfig(**{**common, "init_logit_scale": 0.0}).validate()
+
+
+def test_policy_architecture_options_reach_the_saved_policy(tmp_path, test_reconstructor_dir):
+    """separable_conv, conv_kernel_size, conv_dilations and activation_fn build the policy that is saved and reloaded."""
+    base = {k: v for k, v in json.loads(DEBUG.read_text()).items() if not k.startswith("_")}
+    common = {**base, "runs_dir": str(tmp_path), "tensorboard": False, "device": "cpu", "total_timesteps": 0, "distill_steps": 2}
+    fast = {"separable_conv": True, "conv_kernel_size": 3, "conv_dilations": [1, 2], "activation_fn": "relu"}
+    train(TrainConfig(**{**common, **fast}))
+    policy = load_policy_artifact(tmp_path / "debug").policy
+    blocks = list(policy.pi_features_extractor.blocks)
+    assert [(b.separable, b.kernel_size, b.dilation) for b in blocks] == [(True, 3, 1), (True, 3, 2)]
+    assert isinstance(policy.mlp_extractor.policy_net[1], torch.nn.ReLU)
+    ids = torch.as_tensor(np.random.default_rng(0).integers(0, 500, size=(2, base["seq_len"])))
+    real, keep = torch.ones(ids.shape, dtype=torch.bool), torch.zeros(ids.shape, dtype=torch.bool)
+    rates = torch.tensor([0.3, 0.6])
+    obs = build_observation(ids.numpy(), real.numpy(), keep.numpy(), rates.numpy())
+    with torch.no_grad():
+        inference = policy.inference_mask_logits(ids, real, keep, rates)
+        reference = policy.token_mask_logits({k: torch.as_tensor(v) for k, v in obs.items()})
+    assert torch.equal(inference, reference)
+    for bad, message in (
+        ({"activation_fn": "swish"}, "activation_fn must be one of"),
+        ({"conv_kernel_size": 4}, "conv_kernel_size must be odd"),
+        ({"conv_dilations": []}, "conv_dilations positive and not empty"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            TrainConfig(**{**common, **bad}).validate()
 
 
 def test_run_leaves_reference_unchanged_and_no_sb3_temp_folder(tmp_path, test_reconstructor_dir, monkeypatch):
