@@ -260,6 +260,10 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         the local convolution cannot see
     :param separable: Depthwise-separable convolutions (:class:`ConvBlock`): about 5 times fewer
         multiply-adds per block with the default kernel, for a faster ``compress()``
+    :param embed_kernel_size: Each token's input sums the projected embeddings of this many tokens centred
+        on it, one projection per offset (:meth:`token_window_sum`): a linear convolution over the wide
+        embeddings that inference looks up in a table, so it costs ``compress()`` almost nothing (odd; 1:
+        the token alone)
     """
 
     def __init__(
@@ -275,12 +279,15 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         use_decisions: bool = True,
         use_copy_features: bool = False,
         separable: bool = False,
+        embed_kernel_size: int = 1,
     ) -> None:
         if not isinstance(observation_space, spaces.Dict):
             raise TypeError(f"LocalContextExtractor needs a Dict observation space, got {type(observation_space).__name__}")
         missing = [key for key in OBSERVATION_KEYS if key not in observation_space.spaces]
         if missing:
             raise KeyError(f"observation space lacks keys {missing}; it has {sorted(observation_space.spaces)}")
+        if embed_kernel_size % 2 != 1 or embed_kernel_size < 1:
+            raise ValueError(f"embed_kernel_size must be a positive odd number, got {embed_kernel_size}")
         super().__init__(observation_space, features_dim=2 * hidden_dim + 2)
         token_space = observation_space["token_ids"]
         assert isinstance(token_space, spaces.Box)
@@ -297,7 +304,9 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         n_scalars = 3 + int(self.use_surprisal) + N_COPY_FEATURES * int(use_copy_features)
 
         self.token_embedding = nn.Embedding(self.vocab_size, embed_dim)
-        self.token_proj = nn.Linear(embed_dim, hidden_dim, bias=False)
+        self.embed_kernel_size = embed_kernel_size
+        # one projection per tap of the token window, side by side (see token_window_sum)
+        self.token_proj = nn.Linear(embed_dim, embed_kernel_size * hidden_dim, bias=False)
         self.decision_embedding = nn.Embedding(N_DECISIONS, hidden_dim)
         self.scalar_proj = nn.Linear(n_scalars, hidden_dim)
         self.blocks = nn.ModuleList(ConvBlock(hidden_dim, kernel_size, int(d), dropout, separable) for d in dilations)
@@ -327,11 +336,79 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         scalar_inputs = th.stack(scalars, dim=-1)
         if self.use_copy_features:
             scalar_inputs = th.cat([scalar_inputs, copy_features(ids, valid)], dim=-1)
-        x = self.token_proj(self.token_embedding(ids)) + self.decision_embedding(decisions) + self.scalar_proj(scalar_inputs)
+        tokens = self.token_window_sum(self.token_proj(self.token_embedding(ids)), valid)
+        x = tokens + self.decision_embedding(decisions) + self.scalar_proj(scalar_inputs)
         valid_3d = valid.unsqueeze(-1)
         for block in self.blocks:
             x = block(x, valid_3d)
         return self.out_norm(x) * valid_3d
+
+    @property
+    def reach(self) -> int:
+        """How many tokens to each side a token's features depend on (half the receptive field)."""
+        return self.embed_kernel_size // 2 + sum(cast(ConvBlock, block).reach for block in self.blocks)
+
+    def token_window_sum(self, projected: th.Tensor, valid: th.Tensor) -> th.Tensor:
+        """Each token's input from the projected embeddings of the ``embed_kernel_size`` tokens centred on it.
+
+        With ``embed_kernel_size = k > 1`` the projection holds one ``embed_dim x hidden_dim`` matrix per
+        tap, side by side, and token ``i`` sums tap ``j``'s projection of token ``i + j - k // 2`` (zero
+        beyond the window and at padding): a linear convolution over the wide embeddings, whose products
+        inference looks up in :meth:`token_table` instead of computing. ``k = 1`` is the plain projection.
+
+        :param projected: ``[B, L, k * hidden_dim]`` the token projection of every position
+        :param valid: ``[B, L]`` real positions (float 0/1)
+        :return: ``[B, L, hidden_dim]``
+        """
+        if self.embed_kernel_size == 1:
+            return projected
+        width = self.hidden_dim
+        taps = projected * valid.unsqueeze(-1)
+        return self._sum_shifted_taps(lambda j: taps[:, :, j * width : (j + 1) * width], projected.shape[1])
+
+    def _sum_shifted_taps(self, tap: Callable[[int], th.Tensor], length: int) -> th.Tensor:
+        """``sum_j tap(j)`` shifted so that token ``i`` reads tap ``j`` of token ``i + j - k // 2`` (the centre first).
+
+        :param tap: ``j -> [B, length, hidden_dim]`` tap ``j`` of every token, zero at padding (may reuse
+            one buffer between calls: each result is used before the next call)
+        :param length: the window length
+        :return: ``[B, length, hidden_dim]``
+        """
+        half = self.embed_kernel_size // 2
+        total = tap(half).clone()
+        for j in range(self.embed_kernel_size):
+            offset = j - half
+            if offset == 0 or abs(offset) >= length:
+                continue
+            source = tap(j)
+            if offset > 0:
+                total[:, : length - offset] += source[:, offset:]
+            else:
+                total[:, -offset:] += source[:, : length + offset]
+        return total
+
+    def _inference_token_inputs(self, ids: th.Tensor, valid: th.Tensor) -> th.Tensor:
+        """:meth:`token_window_sum` of the projected embeddings, looked up in :meth:`token_table` (the same values).
+
+        Each tap is gathered from its columns of the table into one reused buffer, so that no
+        ``[B, L, embed_kernel_size * hidden_dim]`` tensor is made.
+
+        :param ids: ``[B, L]`` long ids
+        :param valid: ``[B, L]`` real positions (float 0/1)
+        :return: ``[B, L, hidden_dim]``
+        """
+        table = self.token_table()
+        if self.embed_kernel_size == 1:
+            return F.embedding(ids, table)
+        columns = table.view(table.shape[0], self.embed_kernel_size, self.hidden_dim)
+        flat, mask = ids.reshape(-1), valid.unsqueeze(-1)
+        buffer = th.empty(*ids.shape, self.hidden_dim, dtype=table.dtype, device=table.device)
+
+        def tap(j: int) -> th.Tensor:
+            th.index_select(columns[:, j], 0, flat, out=buffer.view(-1, self.hidden_dim))
+            return buffer.mul_(mask)
+
+        return self._sum_shifted_taps(tap, ids.shape[1])
 
     def token_table(self) -> th.Tensor:
         """The projected token embedding of every vocabulary entry, ``token_proj(token_embedding.weight)``.
@@ -340,7 +417,8 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         inference looks it up instead of projecting every token of every window. Cached until the
         embedding or the projection changes.
 
-        :return: ``[vocab_size, hidden_dim]``
+        :return: ``[vocab_size, embed_kernel_size * hidden_dim]`` (one projection per tap of
+            :meth:`token_window_sum`, side by side)
         """
         weight, proj = self.token_embedding.weight, self.token_proj.weight
         key = (_version(weight), _version(proj))
@@ -391,9 +469,9 @@ class LocalContextExtractor(BaseFeaturesExtractor):
             scalar_inputs = th.cat([scalar_inputs, copy_features(ids, valid_f)], dim=-1)
         if decisions is None or not self.use_decisions:
             # Every position reads decision 0 (UNDECIDED, or zeroed when decisions are not used).
-            x = F.embedding(ids, self.token_table()) + self.decision_embedding.weight[0]
+            x = self._inference_token_inputs(ids, valid_f) + self.decision_embedding.weight[0]
         else:
-            x = F.embedding(ids, self.token_table()) + self.decision_embedding(decisions.long().clamp(0, N_DECISIONS - 1))
+            x = self._inference_token_inputs(ids, valid_f) + self.decision_embedding(decisions.long().clamp(0, N_DECISIONS - 1))
         x = x + self.scalar_proj(scalar_inputs)
         valid_3d = valid_f.unsqueeze(-1)
         blocks = cast(list[ConvBlock], list(self.blocks))

@@ -14,6 +14,10 @@ Each *variant* is the base training config with a few keys changed (:data:`VARIA
 * ``cost_fast_only``: ``cost_target_only`` with the fast policy: four depthwise-separable convolution
   blocks of kernel 7 (``separable_conv``, ``conv_kernel_size``, ``conv_dilations``: the same 49-token
   receptive field) and ReLU heads (``activation_fn``), for a ``compress()`` about twice as fast;
+* ``cost_fast_ngram_only``: the fast policy whose tokens' inputs sum the projected embeddings of the 5
+  tokens centred on them (``embed_kernel_size``: a linear convolution over the embeddings, looked up in
+  a table at inference);
+* ``cost_ngram_only``: ``cost_target_only`` with that token window (default network otherwise);
 * ``cost_target_ppo``: that warm start, then PPO jointly with the reconstructor;
 * ``cost_calibrated_ppo``: PPO from the ``cost_target_only`` policy with rate-calibrated logits (each
   window's logits shifted so that the expected drops meet the target, ``rate_calibrated``): the same
@@ -94,6 +98,16 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "conv_dilations": [1, 2, 4, 1],
         "activation_fn": "relu",
     },
+    "cost_fast_ngram_only": {
+        "total_timesteps": 0,
+        "distill_target": "cost",
+        "separable_conv": True,
+        "conv_kernel_size": 7,
+        "conv_dilations": [1, 2, 4, 1],
+        "activation_fn": "relu",
+        "embed_kernel_size": 5,
+    },
+    "cost_ngram_only": {"total_timesteps": 0, "distill_target": "cost", "embed_kernel_size": 5},
     "cost_target_ppo": {"distill_target": "cost"},
     "cost_calibrated_ppo": {"distill_steps": 0, "rate_calibrated": True},
     "distill_calibrated_ppo": {"distill_steps": 0, "rate_calibrated": True},

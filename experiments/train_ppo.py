@@ -186,6 +186,9 @@ class TrainConfig:
         "tanh",
         "activation between the layers of the policy's per-token and value heads: " + ", ".join(f"'{name}'" for name in HEAD_ACTIVATIONS),
     )
+    embed_kernel_size: int = option(
+        1, "each token's input sums the projected embeddings of this many tokens centred on it (odd; a table lookup per tap at inference)"
+    )
     separable_conv: bool = option(
         False, "depthwise-separable convolutions in the policy: about 5 times fewer multiply-adds per block (faster compress())"
     )
@@ -288,6 +291,8 @@ class TrainConfig:
             raise ConfigError(f"distill_teacher '{self.distill_teacher}' gives masks, not costs: use distill_target 'rank'")
         if self.activation_fn not in HEAD_ACTIVATIONS:
             raise ConfigError(f"activation_fn must be one of {', '.join(HEAD_ACTIVATIONS)}, got '{self.activation_fn}'")
+        if self.embed_kernel_size < 1 or self.embed_kernel_size % 2 == 0:
+            raise ConfigError(f"embed_kernel_size must be odd and positive, got {self.embed_kernel_size}")
         if self.conv_kernel_size < 1 or self.conv_kernel_size % 2 == 0 or not self.conv_dilations or min(self.conv_dilations) < 1:
             raise ConfigError(
                 "conv_kernel_size must be odd and positive and conv_dilations positive and not empty, "
@@ -620,6 +625,7 @@ def train(config: TrainConfig) -> dict[str, Any]:
                 "kernel_size": config.conv_kernel_size,
                 "dilations": list(config.conv_dilations),
                 "separable": config.separable_conv,
+                "embed_kernel_size": config.embed_kernel_size,
             },
             policy_kwargs={"rate_calibrated": config.rate_calibrated, "activation_fn": HEAD_ACTIVATIONS[config.activation_fn]},
             tensorboard_log=tensorboard_log,

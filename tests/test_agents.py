@@ -255,6 +255,38 @@ def test_separable_extractor_is_local_cheaper_and_exact_on_the_inference_path() 
     assert flops(ext) * 4 < flops(full)  # the matrix products: 4 blocks of 32x32 against 6 of (5*32)x32
 
 
+def test_token_window_is_a_linear_convolution_over_the_embeddings() -> None:
+    """embed_kernel_size=3: each token's input is sum_j W_j e(token i+j-1), zero beyond the window and at padding."""
+    th.manual_seed(0)
+    space = token_obs_space(12, 50)
+    space.seed(0)
+    ext = LocalContextExtractor(space, embed_dim=16, hidden_dim=8, kernel_size=3, dilations=(1,), embed_kernel_size=3).eval()
+    assert ext.reach == 2 and ext.token_table().shape == (50, 24)
+    obs = {k: th.as_tensor(np.stack([s.sample() for _ in range(2)])).float() for k, s in space.spaces.items()}
+    obs["valid"][:] = 1
+    obs["valid"][1, 9:] = 0
+    obs["decisions"][:] = 0  # what the inference path sees without decisions
+    ids, valid = obs["token_ids"].long(), obs["valid"]
+    with th.no_grad():
+        taps = ext.token_proj.weight.reshape(3, 8, 16)  # [tap, hidden, embed]
+        embedded = ext.token_embedding(ids) * valid.unsqueeze(-1)
+        expected = th.zeros(2, 12, 8)
+        for i in range(12):
+            for j in range(3):
+                if 0 <= i + j - 1 < 12:
+                    expected[:, i] += embedded[:, i + j - 1] @ taps[j].t()
+        got = ext.token_window_sum(ext.token_proj(ext.token_embedding(ids)), valid)
+        assert th.allclose(got, expected, atol=1e-6)
+        features = ext.token_features(obs)
+        fast = ext.inference_token_features(ids, valid.bool(), obs["force_keep"].bool(), obs["target_mask_rate"].reshape(-1))
+        assert th.equal(fast, features)  # the table lookup is exact
+        padded = {k: v.clone() for k, v in obs.items()}
+        padded["token_ids"][1, 9:] = 3  # padding's ids reach no real token
+        assert th.equal(ext.token_features(padded), features)
+    with pytest.raises(ValueError, match="embed_kernel_size"):
+        LocalContextExtractor(space, embed_kernel_size=2)
+
+
 def test_extractor_cost_per_window() -> None:
     """The extractor is cheap: its work per 128-token window, counted in floating-point operations (not timed)."""
     from torch.utils.flop_counter import FlopCounterMode

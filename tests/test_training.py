@@ -255,12 +255,12 @@ def test_policy_architecture_options_reach_the_saved_policy(tmp_path, test_recon
     """separable_conv, conv_kernel_size, conv_dilations and activation_fn build the policy that is saved and reloaded."""
     base = {k: v for k, v in json.loads(DEBUG.read_text()).items() if not k.startswith("_")}
     common = {**base, "runs_dir": str(tmp_path), "tensorboard": False, "device": "cpu", "total_timesteps": 0, "distill_steps": 2}
-    fast = {"separable_conv": True, "conv_kernel_size": 3, "conv_dilations": [1, 2], "activation_fn": "relu"}
+    fast = {"separable_conv": True, "conv_kernel_size": 3, "conv_dilations": [1, 2], "activation_fn": "relu", "embed_kernel_size": 3}
     train(TrainConfig(**{**common, **fast}))
     policy = load_policy_artifact(tmp_path / "debug").policy
     blocks = list(policy.pi_features_extractor.blocks)
     assert [(b.separable, b.kernel_size, b.dilation) for b in blocks] == [(True, 3, 1), (True, 3, 2)]
-    assert isinstance(policy.mlp_extractor.policy_net[1], torch.nn.ReLU)
+    assert isinstance(policy.mlp_extractor.policy_net[1], torch.nn.ReLU) and policy.pi_features_extractor.embed_kernel_size == 3
     ids = torch.as_tensor(np.random.default_rng(0).integers(0, 500, size=(2, base["seq_len"])))
     real, keep = torch.ones(ids.shape, dtype=torch.bool), torch.zeros(ids.shape, dtype=torch.bool)
     rates = torch.tensor([0.3, 0.6])
@@ -273,6 +273,7 @@ def test_policy_architecture_options_reach_the_saved_policy(tmp_path, test_recon
         ({"activation_fn": "swish"}, "activation_fn must be one of"),
         ({"conv_kernel_size": 4}, "conv_kernel_size must be odd"),
         ({"conv_dilations": []}, "conv_dilations positive and not empty"),
+        ({"embed_kernel_size": 2}, "embed_kernel_size must be odd"),
     ):
         with pytest.raises(ConfigError, match=message):
             TrainConfig(**{**common, **bad}).validate()
