@@ -202,8 +202,8 @@ class ConvBlock(nn.Module):
 
         In float32 it is the same arithmetic as :meth:`forward` (the same kernels on the same values), so
         the result is identical; it saves the padding copy and the temporaries. With bfloat16 buffers the
-        convolution runs in bfloat16 (about twice as fast on CPUs with AVX512-BF16 or AMX),
-        the residual stream and the normalisation stay float32.
+        convolution runs in bfloat16 (for the full convolution's matrix product, about twice as fast on CPUs
+        with AVX512-BF16 or AMX), the residual stream and the normalisation stay float32.
 
         :param x: ``[B, L, D]`` float32 features, updated in place
         :param valid: ``[B, L, 1]`` float mask, 1 for real tokens
@@ -262,8 +262,8 @@ class LocalContextExtractor(BaseFeaturesExtractor):
         multiply-adds per block with the default kernel, for a faster ``compress()``
     :param embed_kernel_size: Each token's input sums the projected embeddings of this many tokens centred
         on it, one projection per offset (:meth:`token_window_sum`): a linear convolution over the wide
-        embeddings that inference looks up in a table, so it costs ``compress()`` almost nothing (odd; 1:
-        the token alone)
+        embeddings that inference looks up in a table, ``k`` table reads per token and no matrix product
+        (odd; 1: the token alone)
     """
 
     def __init__(
