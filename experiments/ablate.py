@@ -81,6 +81,8 @@ from tokencompress_env.run_folder import CHECKPOINTS, CONFIG, REFERENCE_RECONSTR
 
 ROOT = Path(__file__).resolve().parent
 
+#: The fast policy's network: four depthwise-separable blocks of kernel 7 (the default's 49-token field), ReLU heads.
+FAST_POLICY: dict[str, Any] = {"separable_conv": True, "conv_kernel_size": 7, "conv_dilations": [1, 2, 4, 1], "activation_fn": "relu"}
 #: Variant name -> the training keys it changes.
 VARIANTS: dict[str, dict[str, Any]] = {
     "distill_only": {"total_timesteps": 0},
@@ -90,23 +92,8 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "distill_ppo_decisions": {"use_decisions": True},
     "distill_token_ppo": {"algo": "token_ppo", "distill_steps": 0},
     "cost_target_only": {"total_timesteps": 0, "distill_target": "cost"},
-    "cost_fast_only": {
-        "total_timesteps": 0,
-        "distill_target": "cost",
-        "separable_conv": True,
-        "conv_kernel_size": 7,
-        "conv_dilations": [1, 2, 4, 1],
-        "activation_fn": "relu",
-    },
-    "cost_fast_ngram_only": {
-        "total_timesteps": 0,
-        "distill_target": "cost",
-        "separable_conv": True,
-        "conv_kernel_size": 7,
-        "conv_dilations": [1, 2, 4, 1],
-        "activation_fn": "relu",
-        "embed_kernel_size": 5,
-    },
+    "cost_fast_only": {"total_timesteps": 0, "distill_target": "cost", **FAST_POLICY},
+    "cost_fast_ngram_only": {"total_timesteps": 0, "distill_target": "cost", **FAST_POLICY, "embed_kernel_size": 5},
     "cost_ngram_only": {"total_timesteps": 0, "distill_target": "cost", "embed_kernel_size": 5},
     "cost_target_ppo": {"distill_target": "cost"},
     "cost_calibrated_ppo": {"distill_steps": 0, "rate_calibrated": True},
