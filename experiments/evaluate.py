@@ -379,9 +379,10 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
             for problem in bundle.problems:
                 print(f"note ({bundle.run_dir.name}): {problem}", file=sys.stderr)
             if uses_policy and bundle.agent is None:
+                named = ", ".join(f"'{m}'" for m in RUN_METHODS if m in methods_wanted)
                 raise InputError(
-                    f"cannot evaluate 'policy' of '{run_dir}': {'; '.join(bundle.problems)}. "
-                    "Finish the run (experiments.train_ppo --resume true) or leave 'policy' out of --methods"
+                    f"cannot evaluate {named} of '{run_dir}': {'; '.join(bundle.problems)}. "
+                    f"Finish the run (experiments.train_ppo --resume true) or leave {named} out of --methods"
                 )
             bundles.append(bundle)
         first = bundles[0]
@@ -486,22 +487,18 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
         )
         methods: dict[str, MaskMethod | None] = {}
         for name in methods_wanted:
-            if name == POLICY:
+            if name in RUN_METHODS:
                 assert bundle_or_none is not None
                 surprisal_rec = bundle_or_none.joint if bundle_or_none.joint is not None else rec
                 keep_digits = bool(bundle_or_none.config.get("keep_digits", False))
-                if bundle_or_none.config.get("use_decisions", False):  # it acted chunk by chunk on its own decisions: replay that
-                    methods[name] = agent_sequential_method(bundle_or_none.agent, surprisal_rec, config.batch_size, keep_digits)
-                else:
-                    methods[name] = policy_method(agent_logit_fn(bundle_or_none.agent, surprisal_rec, config.batch_size, keep_digits))
-            elif name == POLICY_SAMPLED:
-                assert bundle_or_none is not None
-                if bundle_or_none.config.get("use_decisions", False):
+                sees_decisions = bool(bundle_or_none.config.get("use_decisions", False))
+                if sees_decisions and name == POLICY_SAMPLED:
                     raise ConfigError(f"'{POLICY_SAMPLED}' samples a one-pass policy; '{bundle_or_none.run_dir}' sees its decisions")
-                surprisal_rec = bundle_or_none.joint if bundle_or_none.joint is not None else rec
-                keep_digits = bool(bundle_or_none.config.get("keep_digits", False))
+                if sees_decisions:  # it acted chunk by chunk on its own decisions: replay that
+                    methods[name] = agent_sequential_method(bundle_or_none.agent, surprisal_rec, config.batch_size, keep_digits)
+                    continue
                 logit_fn = agent_logit_fn(bundle_or_none.agent, surprisal_rec, config.batch_size, keep_digits)
-                methods[name] = sampled_policy_method(logit_fn, config.seed)
+                methods[name] = policy_method(logit_fn) if name == POLICY else sampled_policy_method(logit_fn, config.seed)
             else:
                 methods[name] = None if name == SEARCH else BASELINES[name]
         if bundle_or_none is not None:

@@ -45,6 +45,7 @@ from stable_baselines3.common.logger import HumanOutputFormat, Logger, configure
 from stable_baselines3.common.vec_env import VecMonitor
 
 from agents.algorithms import canonical_name, load_model, make_model
+from agents.artifact import CLASSES as ARTIFACT_CLASSES
 from agents.artifact import load_policy_artifact
 from agents.distill import DISTILL_TARGETS, DISTILL_TEACHERS, SURPRISAL_TEACHER, distill_policy
 from callbacks.checkpoint import (
@@ -100,7 +101,8 @@ POSITIVE_INTS = (
     "joint_interval",
 )
 #: Activations of the policy's heads by option value (SB3's ``activation_fn``; PPO's default is tanh).
-HEAD_ACTIVATIONS: dict[str, type[torch.nn.Module]] = {"tanh": torch.nn.Tanh, "relu": torch.nn.ReLU, "gelu": torch.nn.GELU}
+#: Taken from the classes a saved policy may name (agents.artifact.CLASSES), so that every choice can be saved.
+HEAD_ACTIVATIONS: dict[str, type[torch.nn.Module]] = {name.lower(): ARTIFACT_CLASSES[name] for name in ("Tanh", "ReLU", "GELU")}
 #: Options of a run that configure its environment (declared by :class:`EnvConfig`, whose defaults and docs they take).
 ENV_OPTIONS = (
     "corpus",

@@ -260,7 +260,12 @@ PRETRAIN = ("--preset", "test", "--output_dir", "{out}", "--steps", "2", "--tens
 
 CASES = [
     # ---- unknown or mistyped config keys: the closest valid key and the list of all
-    Case("train-typo-cli", "train_ppo", (*TRAIN, "--total_timestep", "10"), ("did you mean 'total_timesteps'", "valid keys: activation_fn, algo,")),
+    Case(
+        "train-typo-cli",
+        "train_ppo",
+        (*TRAIN, "--total_timestep", "10"),
+        ("did you mean 'total_timesteps'", "valid keys: activation_fn, algo,"),
+    ),
     Case(
         "train-typo-file",
         "train_ppo",
