@@ -27,6 +27,7 @@ needs no reconstructor. This is imitation of an expert, the first step of expert
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -51,6 +52,30 @@ SURPRISAL_TEACHER = "surprisal"
 DISTILL_TEACHERS = (SURPRISAL_TEACHER, *(m for m in (*BASELINES, SEARCH) if needs_reconstructor(m)))
 #: Bits per logit unit of the ``cost`` distillation target (``-logit * COST_SCALE`` predicts the surprisal).
 COST_SCALE = 4.0
+#: Learning-rate schedules of the distillation (see :func:`lr_factor`).
+LR_SCHEDULES = ("constant", "linear", "cosine")
+
+
+def lr_factor(schedule: str, step: int, steps: int) -> float:
+    """The distillation's learning rate at ``step`` as a fraction of its initial value.
+
+    ``constant``: 1 throughout; ``linear``: from 1 down to 0 at ``steps``; ``cosine``: half a cosine
+    from 1 down to 0 at ``steps``. The factor depends only on the step, so a resumed distillation
+    continues the same curve.
+
+    :param schedule: one of :data:`LR_SCHEDULES`
+    :param step: steps done so far
+    :param steps: total steps of the distillation
+    :return: the factor, in ``[0, 1]``
+    """
+    if schedule not in LR_SCHEDULES:
+        raise ValueError(f"schedule must be one of {LR_SCHEDULES}, got '{schedule}'")
+    progress = min(max(step / max(steps, 1), 0.0), 1.0)
+    if schedule == "linear":
+        return 1.0 - progress
+    if schedule == "cosine":
+        return 0.5 * (1.0 + math.cos(math.pi * progress))
+    return 1.0
 
 
 def cheapest_tokens(surprisal: th.Tensor, valid: th.Tensor, maskable: th.Tensor, rate: th.Tensor) -> th.Tensor:
@@ -184,6 +209,7 @@ def distill_policy(
     steps: int = 300,
     batch_size: int = 32,
     learning_rate: float = 1e-3,
+    lr_schedule: str = "constant",
     mask_rate_min: float = 0.2,
     mask_rate_max: float = 0.8,
     observe_surprisal: bool = False,
@@ -210,7 +236,9 @@ def distill_policy(
     :param force_keep: ``[N, L]`` bool, tokens that may never be dropped
     :param steps: optimizer steps
     :param batch_size: windows per step
-    :param learning_rate: Adam learning rate
+    :param learning_rate: Adam learning rate (the initial one when ``lr_schedule`` decays it)
+    :param lr_schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay to 0 over ``steps``
+        (:func:`lr_factor`, applied with :class:`torch.optim.lr_scheduler.LambdaLR`)
     :param mask_rate_min: lowest of the uniformly drawn target mask rates
     :param mask_rate_max: highest of the uniformly drawn target mask rates
     :param observe_surprisal: the policy observes the reconstructor's surprisal of the original tokens
@@ -240,6 +268,8 @@ def distill_policy(
     """
     if target not in DISTILL_TARGETS:
         raise ValueError(f"target must be one of {DISTILL_TARGETS}, got '{target}'")
+    if lr_schedule not in LR_SCHEDULES:
+        raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got '{lr_schedule}'")
     if teacher not in DISTILL_TEACHERS:
         raise ValueError(f"teacher must be one of {DISTILL_TEACHERS}, got '{teacher}'")
     if teacher != SURPRISAL_TEACHER and target != "rank":
@@ -255,6 +285,8 @@ def distill_policy(
     optimizer = th.optim.Adam(params, lr=learning_rate)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)
+    # The scheduler counts from this call; the offset puts a resumed run back on its curve.
+    scheduler = th.optim.lr_scheduler.LambdaLR(optimizer, lambda done: lr_factor(lr_schedule, start_step + done, steps))
     losses: list[float] = []
     agreement = 0.0
     steps_done = start_step
@@ -302,6 +334,7 @@ def distill_policy(
         loss.backward()
         th.nn.utils.clip_grad_norm_(params, 1.0)
         optimizer.step()
+        scheduler.step()
         losses.append(float(loss.detach()))
         with th.no_grad():
             picked = cheapest_tokens(-logits.detach().cpu(), real, maskable, rate)
@@ -310,6 +343,7 @@ def distill_policy(
         if logger is not None and step % 10 == 0:
             logger.record("distill/loss", losses[-1])
             logger.record("distill/label_agreement", agreement)
+            logger.record("distill/learning_rate", optimizer.param_groups[0]["lr"])
             logger.dump(step)
         steps_done = step + 1
         if callback is not None and not callback(steps_done, optimizer):

@@ -47,7 +47,7 @@ from stable_baselines3.common.vec_env import VecMonitor
 from agents.algorithms import canonical_name, load_model, make_model
 from agents.artifact import CLASSES as ARTIFACT_CLASSES
 from agents.artifact import load_policy_artifact
-from agents.distill import DISTILL_TARGETS, DISTILL_TEACHERS, SURPRISAL_TEACHER, distill_policy
+from agents.distill import DISTILL_TARGETS, DISTILL_TEACHERS, LR_SCHEDULES, SURPRISAL_TEACHER, distill_policy
 from callbacks.checkpoint import (
     JointCheckpointCallback,
     load_checkpoint_state,
@@ -222,7 +222,10 @@ class TrainConfig:
     )
     distill_steps: int = option(0, "steps of policy warm start by distillation from the reconstructor before RL (0: none)")
     distill_batch_size: int = option(32, "windows per distillation step")
-    distill_lr: float = option(1e-3, "learning rate of the distillation")
+    distill_lr: float = option(1e-3, "learning rate of the distillation (the initial one when distill_lr_schedule decays it)")
+    distill_lr_schedule: str = option(
+        "constant", "learning-rate schedule of the distillation: 'constant', or 'linear' / 'cosine' decay to 0 over distill_steps"
+    )
     distill_target: str = option(
         "rank",
         "'rank' (learn the labels of the cheapest tokens at the window's rate) or 'cost' (regress each token's "
@@ -287,6 +290,8 @@ class TrainConfig:
             raise ConfigError(f"seq_len ({self.seq_len}) must be a multiple of chunk_size ({self.chunk_size})")
         if self.distill_target not in DISTILL_TARGETS:
             raise ConfigError(f"distill_target must be one of {', '.join(DISTILL_TARGETS)}, got '{self.distill_target}'")
+        if self.distill_lr_schedule not in LR_SCHEDULES:
+            raise ConfigError(f"distill_lr_schedule must be one of {', '.join(LR_SCHEDULES)}, got '{self.distill_lr_schedule}'")
         if self.distill_teacher not in DISTILL_TEACHERS:
             raise ConfigError(f"distill_teacher must be one of {', '.join(DISTILL_TEACHERS)}, got '{self.distill_teacher}'")
         if self.distill_teacher != SURPRISAL_TEACHER and self.distill_target != "rank":
@@ -565,6 +570,7 @@ def _distill(
             steps=config.distill_steps,
             batch_size=config.distill_batch_size,
             learning_rate=config.distill_lr,
+            lr_schedule=config.distill_lr_schedule,
             target=config.distill_target,
             teacher=config.distill_teacher,
             teacher_windows=config.distill_teacher_windows,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,7 +11,7 @@ import pytest
 import torch as th
 
 import agents.distill as distill_module
-from agents.distill import cheapest_tokens, distill_policy, teacher_masks, teacher_rate_grid
+from agents.distill import cheapest_tokens, distill_policy, lr_factor, teacher_masks, teacher_rate_grid
 from agents.policy import TokenActorCriticPolicy
 from tokencompress_env.baselines import BASELINES, SEARCH, MethodContext, rate_budget
 from tokencompress_env.observation import build_observation, make_spaces
@@ -310,3 +311,44 @@ def test_distillation_rejects_a_method_teacher_with_the_cost_target() -> None:
         distill_policy(_policy(), PlantedScorer(), train, ones, ~ones, steps=1, teacher="greedy_threshold", target="cost", progress=False)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="teacher must be one of"):
         distill_policy(_policy(), PlantedScorer(), train, ones, ~ones, steps=1, teacher="oracle", progress=False)  # type: ignore[arg-type]
+
+
+def test_lr_factor_decays_from_one_to_zero() -> None:
+    assert [lr_factor("constant", s, 10) for s in (0, 5, 10)] == [1.0, 1.0, 1.0]
+    assert [lr_factor("linear", s, 10) for s in (0, 5, 10)] == [1.0, 0.5, 0.0]
+    cosine = [lr_factor("cosine", s, 10) for s in range(11)]
+    assert cosine[0] == 1.0 and abs(cosine[5] - 0.5) < 1e-12 and abs(cosine[10]) < 1e-12
+    assert all(a > b for a, b in itertools.pairwise(cosine))  # strictly decreasing
+    with pytest.raises(ValueError, match="schedule must be one of"):
+        lr_factor("step", 0, 10)
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine"])
+def test_distillation_follows_its_learning_rate_schedule_across_a_resume(schedule: str) -> None:
+    """The learning rate of step ``s`` (0-based) is ``lr * lr_factor(schedule, s, steps)``; a run stopped after
+    step 6 and resumed from its optimizer's state uses the same rates as one that never stopped."""
+    train = planted_windows(32, seed=0)
+    ones = np.ones(train.shape, dtype=bool)
+    common: dict[str, Any] = {"steps": 12, "batch_size": 4, "learning_rate": 2e-3, "lr_schedule": schedule, "progress": False}
+
+    def run(start: int, stop_after: int, state: dict[str, Any] | None) -> tuple[list[float], dict[str, Any]]:
+        rates: list[float] = []
+        saved: dict[str, Any] = {}
+
+        def callback(done: int, optimizer: th.optim.Optimizer) -> bool:
+            rates.append(optimizer.param_groups[0]["lr"])  # the rate the next step will use
+            saved.update(optimizer.state_dict())
+            return done < stop_after
+
+        distill_policy(_policy(), PlantedScorer(), train, ones, ~ones, start_step=start, optimizer_state=state, callback=callback, **common)  # type: ignore[arg-type]
+        return rates, saved
+
+    whole, _ = run(0, 12, None)
+    first, state = run(0, 6, None)
+    rest, _ = run(6, 12, state)
+    expected = [2e-3 * lr_factor(schedule, done, 12) for done in range(1, 13)]
+    assert np.allclose(whole, expected) and np.allclose(first + rest, expected), (whole, first, rest)
+    if schedule == "cosine":
+        assert whole[-1] < 1e-9 < whole[0]
+    with pytest.raises(ValueError, match="lr_schedule must be one of"):
+        distill_policy(_policy(), PlantedScorer(), train, ones, ~ones, steps=1, lr_schedule="step", progress=False)  # type: ignore[arg-type]

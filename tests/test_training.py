@@ -213,6 +213,31 @@ def test_distillation_only_run(tmp_path, test_reconstructor_dir):
         TrainConfig(**{**base, "total_timesteps": -1}).validate()
 
 
+def test_distillation_learning_rate_schedule_option(tmp_path, test_reconstructor_dir, monkeypatch):
+    """distill_lr_schedule reaches the distillation, which then decays the learning rate; a bad value is refused."""
+    import experiments.train_ppo as train_ppo
+
+    rates: list[float] = []
+    real_distill = train_ppo.distill_policy
+
+    def spying_distill(*args, callback=None, **kwargs):
+        def spy(done, optimizer):
+            rates.append(optimizer.param_groups[0]["lr"])
+            return callback(done, optimizer)
+
+        assert kwargs["lr_schedule"] == "linear"
+        return real_distill(*args, callback=spy, **kwargs)
+
+    monkeypatch.setattr(train_ppo, "distill_policy", spying_distill)
+    base = {k: v for k, v in json.loads(DEBUG.read_text()).items() if not k.startswith("_")}
+    values = {"runs_dir": str(tmp_path), "total_timesteps": 0, "distill_steps": 4, "tensorboard": False, "device": "cpu"}
+    train(TrainConfig(**{**base, **values, "distill_lr_schedule": "linear", "distill_lr": 1e-3}))
+    assert rates == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
+    assert json.loads((tmp_path / "debug" / "config.json").read_text())["distill_lr_schedule"] == "linear"
+    with pytest.raises(ConfigError, match="distill_lr_schedule must be one of"):
+        TrainConfig(**{**base, "distill_lr_schedule": "step"}).validate()
+
+
 def test_rate_calibrated_run_from_a_distilled_policy(tmp_path, test_reconstructor_dir):
     """PPO from a distilled policy with rate-calibrated logits: the same ranking at the start, the option saved."""
     base = {k: v for k, v in json.loads(DEBUG.read_text()).items() if not k.startswith("_")}
