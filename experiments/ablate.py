@@ -52,8 +52,8 @@ The base config defaults to the quickstart's (``configs/dev/small_scale.json``),
 the quickstart's configuration. ``distill_ppo`` and ``distill_ppo_frozen`` continue the ``distill_only``
 run of their seed, and ``distill_token_ppo`` and ``distill_calibrated_ppo`` start from its policy
 (``init_policy``; token_ppo's per-token critic starts fresh), as ``cost_calibrated_ppo`` starts from
-``cost_target_only``'s, so each seed distils twice for the default variants (the decision-aware policy has
-its own network) and once more for the cost target.
+``cost_target_only``'s (as do ``cost_sharp_start`` and ``cost_sharp_ppo``; ``cost_target_ppo`` continues
+its run). Every other variant distils its own policy.
 
 Examples::
 
