@@ -210,6 +210,7 @@ def distill_policy(
     batch_size: int = 32,
     learning_rate: float = 1e-3,
     lr_schedule: str = "constant",
+    updates_per_batch: int = 1,
     mask_rate_min: float = 0.2,
     mask_rate_max: float = 0.8,
     observe_surprisal: bool = False,
@@ -239,6 +240,9 @@ def distill_policy(
     :param learning_rate: Adam learning rate (the initial one when ``lr_schedule`` decays it)
     :param lr_schedule: ``"constant"``, ``"linear"`` or ``"cosine"`` decay to 0 over ``steps``
         (:func:`lr_factor`, applied with :class:`torch.optim.lr_scheduler.LambdaLR`)
+    :param updates_per_batch: optimizer updates on each labelled batch (the labels cost a reconstructor
+        forward pass, several times an update's cost, so reusing them buys updates cheaply); ``steps``
+        counts labelled batches, the losses and the label agreement are those of a batch's first update
     :param mask_rate_min: lowest of the uniformly drawn target mask rates
     :param mask_rate_max: highest of the uniformly drawn target mask rates
     :param observe_surprisal: the policy observes the reconstructor's surprisal of the original tokens
@@ -270,6 +274,8 @@ def distill_policy(
         raise ValueError(f"target must be one of {DISTILL_TARGETS}, got '{target}'")
     if lr_schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got '{lr_schedule}'")
+    if updates_per_batch < 1:
+        raise ValueError(f"updates_per_batch must be at least 1, got {updates_per_batch}")
     if teacher not in DISTILL_TEACHERS:
         raise ValueError(f"teacher must be one of {DISTILL_TEACHERS}, got '{teacher}'")
     if teacher != SURPRISAL_TEACHER and target != "rank":
@@ -325,20 +331,27 @@ def distill_policy(
             labels = th.as_tensor(expert[column, row], dtype=th.float32)
         weight = maskable.to(device).float()
         if target == "cost":
-            cost = scores.surprisal.to(device).float().clamp(max=20.0) / COST_SCALE
-            per_token = F.smooth_l1_loss(-logits, cost, reduction="none")
+            goal = scores.surprisal.to(device).float().clamp(max=20.0) / COST_SCALE
         else:
-            per_token = F.binary_cross_entropy_with_logits(logits, labels.to(device), reduction="none")
-        loss = (per_token * weight).sum() / weight.sum()
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        th.nn.utils.clip_grad_norm_(params, 1.0)
-        optimizer.step()
-        scheduler.step()
-        losses.append(float(loss.detach()))
+            goal = labels.to(device)
         with th.no_grad():
             picked = cheapest_tokens(-logits.detach().cpu(), real, maskable, rate)
             agreement = float((picked * labels).sum() / labels.sum().clamp(min=1))
+        for update in range(updates_per_batch):
+            if update:
+                logits = policy.token_mask_logits(obs_t, exclude_invalid=False)
+            if target == "cost":
+                per_token = F.smooth_l1_loss(-logits, goal, reduction="none")
+            else:
+                per_token = F.binary_cross_entropy_with_logits(logits, goal, reduction="none")
+            loss = (per_token * weight).sum() / weight.sum()
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            th.nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            if not update:
+                losses.append(float(loss.detach()))
+        scheduler.step()
         bar.set_postfix(loss=f"{losses[-1]:.3f}", agree=f"{agreement:.2f}")
         if logger is not None and step % 10 == 0:
             logger.record("distill/loss", losses[-1])

@@ -21,6 +21,9 @@ Each *variant* is the base training config with a few keys changed (:data:`VARIA
 * ``cost_cosine_only``: ``cost_target_only`` with the distillation's learning rate decayed to 0 on a
   half cosine (``distill_lr_schedule="cosine"``) instead of held constant;
 * ``cost_high_lr_only``: ``cost_target_only`` with twice the distillation's learning rate (``distill_lr=2e-3``);
+* ``cost_replay_only``: ``cost_high_lr_only`` with four updates on each labelled batch
+  (``distill_updates_per_batch=4``): four times the updates for little more time, as the labels' forward
+  pass costs several times an update;
 * ``cost_target_ppo``: the ``cost_target_only`` warm start, then PPO jointly with the reconstructor;
 * ``cost_calibrated_ppo``: PPO from the ``cost_target_only`` policy with rate-calibrated logits (each
   window's logits shifted so that the expected drops meet the target, ``rate_calibrated``): the same
@@ -100,6 +103,7 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cost_ngram_only": {"total_timesteps": 0, "distill_target": "cost", "embed_kernel_size": 5},
     "cost_cosine_only": {"total_timesteps": 0, "distill_target": "cost", "distill_lr_schedule": "cosine"},
     "cost_high_lr_only": {"total_timesteps": 0, "distill_target": "cost", "distill_lr": 2e-3},
+    "cost_replay_only": {"total_timesteps": 0, "distill_target": "cost", "distill_lr": 2e-3, "distill_updates_per_batch": 4},
     "cost_target_ppo": {"distill_target": "cost"},
     "cost_calibrated_ppo": {"distill_steps": 0, "rate_calibrated": True},
     "distill_calibrated_ppo": {"distill_steps": 0, "rate_calibrated": True},

@@ -93,6 +93,7 @@ POSITIVE_INTS = (
     "embed_dim",
     "hidden_dim",
     "distill_batch_size",
+    "distill_updates_per_batch",
     "distill_teacher_windows",
     "distill_teacher_rates",
     "reconstructor_steps",
@@ -225,6 +226,9 @@ class TrainConfig:
     distill_lr: float = option(1e-3, "learning rate of the distillation (the initial one when distill_lr_schedule decays it)")
     distill_lr_schedule: str = option(
         "constant", "learning-rate schedule of the distillation: 'constant', or 'linear' / 'cosine' decay to 0 over distill_steps"
+    )
+    distill_updates_per_batch: int = option(
+        1, "optimizer updates on each labelled distillation batch (labels cost a reconstructor pass; updates are cheap)"
     )
     distill_target: str = option(
         "rank",
@@ -571,6 +575,7 @@ def _distill(
             batch_size=config.distill_batch_size,
             learning_rate=config.distill_lr,
             lr_schedule=config.distill_lr_schedule,
+            updates_per_batch=config.distill_updates_per_batch,
             target=config.distill_target,
             teacher=config.distill_teacher,
             teacher_windows=config.distill_teacher_windows,

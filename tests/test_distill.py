@@ -352,3 +352,43 @@ def test_distillation_follows_its_learning_rate_schedule_across_a_resume(schedul
         assert whole[-1] < 1e-9 < whole[0]
     with pytest.raises(ValueError, match="lr_schedule must be one of"):
         distill_policy(_policy(), PlantedScorer(), train, ones, ~ones, steps=1, lr_schedule="step", progress=False)  # type: ignore[arg-type]
+
+
+def test_distillation_reuses_each_labelled_batch_for_several_updates() -> None:
+    """updates_per_batch: one reconstructor pass labels a batch, the policy takes that many updates on it; the
+    reported losses are the batches' first (before any update on them); a count below 1 is refused."""
+    calls: list[int] = []
+
+    class CountingScorer(PlantedScorer):
+        def score(self, ids: th.Tensor, context: th.Tensor, valid: th.Tensor, dtype: Any = None) -> _Scores:
+            calls.append(len(ids))
+            return super().score(ids, context, valid, dtype)
+
+    train = planted_windows(32, seed=0)
+    ones = np.ones(train.shape, dtype=bool)
+    counts: list[int] = []
+
+    def callback(done: int, optimizer: th.optim.Optimizer) -> bool:
+        counts.append(int(next(iter(optimizer.state.values()))["step"]))
+        return True
+
+    report = distill_policy(
+        _policy(),
+        CountingScorer(),
+        train,
+        ones,
+        ~ones,
+        steps=5,
+        batch_size=4,
+        updates_per_batch=3,
+        progress=False,
+        callback=callback,  # type: ignore[arg-type]
+    )
+    assert calls == [4] * 5  # one labelling pass per step
+    assert counts == [3, 6, 9, 12, 15]  # three updates per step
+    assert report["steps_done"] == 5
+    once = distill_policy(_policy(), PlantedScorer(), train, ones, ~ones, steps=5, batch_size=4, progress=False)  # type: ignore[arg-type]
+    assert once["first_loss"] == report["first_loss"]  # the same first batch, before any update on it
+    assert once["last_loss"] != report["last_loss"]  # the extra updates did change the policy
+    with pytest.raises(ValueError, match="updates_per_batch must be at least 1"):
+        distill_policy(_policy(), PlantedScorer(), train, ones, ~ones, steps=1, updates_per_batch=0, progress=False)  # type: ignore[arg-type]

@@ -213,29 +213,37 @@ def test_distillation_only_run(tmp_path, test_reconstructor_dir):
         TrainConfig(**{**base, "total_timesteps": -1}).validate()
 
 
-def test_distillation_learning_rate_schedule_option(tmp_path, test_reconstructor_dir, monkeypatch):
-    """distill_lr_schedule reaches the distillation, which then decays the learning rate; a bad value is refused."""
+def test_distillation_learning_rate_and_update_options(tmp_path, test_reconstructor_dir, monkeypatch):
+    """distill_lr_schedule and distill_updates_per_batch reach the distillation, which decays the learning rate and
+    updates the policy that many times per labelled batch; bad values are refused."""
     import experiments.train_ppo as train_ppo
 
     rates: list[float] = []
+    updates: list[int] = []
     real_distill = train_ppo.distill_policy
 
     def spying_distill(*args, callback=None, **kwargs):
         def spy(done, optimizer):
             rates.append(optimizer.param_groups[0]["lr"])
+            updates.append(int(next(iter(optimizer.state.values()))["step"]))  # Adam's update count
             return callback(done, optimizer)
 
-        assert kwargs["lr_schedule"] == "linear"
+        assert kwargs["lr_schedule"] == "linear" and kwargs["updates_per_batch"] == 2
         return real_distill(*args, callback=spy, **kwargs)
 
     monkeypatch.setattr(train_ppo, "distill_policy", spying_distill)
     base = {k: v for k, v in json.loads(DEBUG.read_text()).items() if not k.startswith("_")}
     values = {"runs_dir": str(tmp_path), "total_timesteps": 0, "distill_steps": 4, "tensorboard": False, "device": "cpu"}
-    train(TrainConfig(**{**base, **values, "distill_lr_schedule": "linear", "distill_lr": 1e-3}))
+    options = {"distill_lr_schedule": "linear", "distill_lr": 1e-3, "distill_updates_per_batch": 2}
+    train(TrainConfig(**{**base, **values, **options}))
     assert rates == pytest.approx([7.5e-4, 5e-4, 2.5e-4, 0.0])
-    assert json.loads((tmp_path / "debug" / "config.json").read_text())["distill_lr_schedule"] == "linear"
+    assert updates == [2, 4, 6, 8]
+    saved = json.loads((tmp_path / "debug" / "config.json").read_text())
+    assert saved["distill_lr_schedule"] == "linear" and saved["distill_updates_per_batch"] == 2
     with pytest.raises(ConfigError, match="distill_lr_schedule must be one of"):
         TrainConfig(**{**base, "distill_lr_schedule": "step"}).validate()
+    with pytest.raises(ConfigError, match="distill_updates_per_batch"):
+        TrainConfig(**{**base, "distill_updates_per_batch": 0}).validate()
 
 
 def test_rate_calibrated_run_from_a_distilled_policy(tmp_path, test_reconstructor_dir):
