@@ -24,6 +24,8 @@ Each *variant* is the base training config with a few keys changed (:data:`VARIA
 * ``cost_replay_only``: ``cost_high_lr_only`` with four updates on each labelled batch
   (``distill_updates_per_batch=4``): four times the updates for little more time, as the labels' forward
   pass costs several times an update;
+* ``cost_half_labels_only``: the same number of updates from half the labelled batches (500 batches,
+  eight updates on each): whether labels or updates limit the distillation;
 * ``cost_target_ppo``: the ``cost_target_only`` warm start, then PPO jointly with the reconstructor;
 * ``cost_calibrated_ppo``: PPO from the ``cost_target_only`` policy with rate-calibrated logits (each
   window's logits shifted so that the expected drops meet the target, ``rate_calibrated``): the same
@@ -104,6 +106,13 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cost_cosine_only": {"total_timesteps": 0, "distill_target": "cost", "distill_lr_schedule": "cosine"},
     "cost_high_lr_only": {"total_timesteps": 0, "distill_target": "cost", "distill_lr": 2e-3},
     "cost_replay_only": {"total_timesteps": 0, "distill_target": "cost", "distill_lr": 2e-3, "distill_updates_per_batch": 4},
+    "cost_half_labels_only": {
+        "total_timesteps": 0,
+        "distill_target": "cost",
+        "distill_lr": 2e-3,
+        "distill_updates_per_batch": 8,
+        "distill_steps": 500,
+    },
     "cost_target_ppo": {"distill_target": "cost"},
     "cost_calibrated_ppo": {"distill_steps": 0, "rate_calibrated": True},
     "distill_calibrated_ppo": {"distill_steps": 0, "rate_calibrated": True},
