@@ -22,8 +22,8 @@ Each *variant* is the base training config with a few keys changed (:data:`VARIA
   half cosine (``distill_lr_schedule="cosine"``) instead of held constant;
 * ``cost_high_lr_only``: ``cost_target_only`` with twice the distillation's learning rate (``distill_lr=2e-3``);
 * ``cost_replay_only``: ``cost_high_lr_only`` with four updates on each labelled batch
-  (``distill_updates_per_batch=4``): four times the updates for little more time, as the labels' forward
-  pass costs several times an update;
+  (``distill_updates_per_batch=4``): four times the updates for about 1.7 times the time, as the labels'
+  forward pass costs several times an update;
 * ``cost_half_labels_only``: the same number of updates from half the labelled batches (500 batches,
   eight updates on each): whether labels or updates limit the distillation;
 * ``cost_target_ppo``: the ``cost_target_only`` warm start, then PPO jointly with the reconstructor;
@@ -54,11 +54,10 @@ to each baseline on the same windows (per-window figures averaged over the seeds
 interval over documents: :mod:`tokencompress_env.evaluation`).
 
 The base config defaults to the quickstart's (``configs/dev/small_scale.json``), so ``distill_ppo`` is
-the quickstart's configuration. ``distill_ppo`` and ``distill_ppo_frozen`` continue the ``distill_only``
-run of their seed, and ``distill_token_ppo`` and ``distill_calibrated_ppo`` start from its policy
-(``init_policy``; token_ppo's per-token critic starts fresh), as ``cost_calibrated_ppo`` starts from
-``cost_target_only``'s (as do ``cost_sharp_start`` and ``cost_sharp_ppo``; ``cost_target_ppo`` continues
-its run). Every other variant distils its own policy.
+the quickstart's configuration. The variants of :data:`SHARED_DISTILLATION` continue the finished
+distillation-only run of their seed that it names (``distill_ppo`` continues ``distill_only``), those of
+:data:`INIT_FROM_DISTILLATION` start from that run's policy (``init_policy``; token_ppo's per-token
+critic starts fresh), and every other variant distils its own policy.
 
 Examples::
 
