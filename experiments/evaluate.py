@@ -14,7 +14,8 @@ Examples::
 
 Every method drops exactly ``round(rate * n)`` tokens of each window at every requested rate (see
 :mod:`tokencompress_env.baselines`); the masks are scored by the frozen ``reference`` reconstructor (the
-primary table) and, for a run, by the jointly trained ``joint`` one. Writes ``results.json``,
+primary table) and, for a run whose RL fine-tuned its reconstructor, by that jointly trained ``joint`` one
+(a run that never fine-tuned it, e.g. distillation only, is scored once). Writes ``results.json``,
 ``results.md``, ``rate_distortion.png``, the per-window sums (``window_stats.npz``, for paired comparisons
 between evaluations) and the resolved ``eval_config.json`` to ``--out``.
 
@@ -476,7 +477,10 @@ def run_evaluation(config: EvaluateConfig, command: str = "") -> list[dict[str, 
         rec = bundle_or_none.reference if bundle_or_none is not None else reference
         scorers = {"reference": rec}
         if bundle_or_none is not None and bundle_or_none.joint is not None:
-            scorers["joint"] = bundle_or_none.joint
+            if bundle_or_none.joint.has_same_weights(rec):
+                print(f"{bundle_or_none.run_dir.name}: its reconstructor was never fine-tuned (no RL steps): scored by the reference only")
+            else:
+                scorers["joint"] = bundle_or_none.joint
         context = MethodContext(
             reconstructor=rec,
             token_counts=token_counts,

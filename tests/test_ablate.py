@@ -73,6 +73,12 @@ def test_ablation_trains_each_variant_and_tabulates(tmp_path: Path, test_reconst
         assert versus["difference"] == pytest.approx(pooled[variant] - pooled["distill_only"])
         assert versus["ci95"][0] <= versus["difference"] <= versus["ci95"][1]
         assert f"| {variant} − distill_only |" in table
+    # a run whose reconstructor was never fine-tuned is scored once; a jointly trained one by both
+    scored_by = {
+        name: {r["reconstructor"] for r in json.loads((runs / "results" / name / "results.json").read_text())}
+        for name in ("distill_only", "distill_ppo")
+    }
+    assert scored_by == {"distill_only": {"reference"}, "distill_ppo": {"reference", "joint"}}
     # a second call reuses the finished runs and their evaluations
     import experiments.ablate as ablate_module
 

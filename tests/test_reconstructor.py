@@ -389,3 +389,11 @@ def test_tanh_gelu_is_fused_when_scoring_and_unchanged_when_training(test_recons
     # The bfloat16 scoring copy inherits the activation and runs it fused too (one rounding in bfloat16).
     copy16 = test_reconstructor.inference_model(torch.bfloat16)
     assert all(type(m) is GradAwareTanhGelu for m in copy16.modules() if isinstance(m, NewGELUActivation))
+
+
+def test_has_same_weights_tells_a_copy_from_a_fine_tuned_one(test_reconstructor, fresh_reconstructor):
+    assert fresh_reconstructor.has_same_weights(test_reconstructor)
+    with torch.no_grad():
+        next(fresh_reconstructor.model.parameters()).view(-1)[0] += 1e-3
+    assert not fresh_reconstructor.has_same_weights(test_reconstructor)
+    assert not test_reconstructor.has_same_weights(fresh_reconstructor)

@@ -766,6 +766,19 @@ class Reconstructor:
         """
         return sum(p.numel() for p in self.model.parameters())
 
+    def has_same_weights(self, other: Reconstructor) -> bool:
+        """Whether another reconstructor holds exactly this one's weights.
+
+        E.g. a run's "jointly trained" reconstructor that was never fine-tuned (a distillation-only run).
+
+        :param other: the reconstructor to compare with
+        :return: ``True`` when every parameter and buffer is equal and of the same shape
+        """
+        mine, theirs = self.model.state_dict(), other.model.state_dict()
+        if mine.keys() != theirs.keys():
+            return False
+        return all(mine[k].shape == theirs[k].shape and torch.equal(mine[k].cpu(), theirs[k].cpu()) for k in mine)
+
 
 def default_reconstructor_dir(preset: str = "tiny") -> Path:
     """Where the offline preset reconstructor is cached.
