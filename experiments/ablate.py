@@ -26,6 +26,9 @@ Each *variant* is the base training config with a few keys changed (:data:`VARIA
   forward pass costs several times an update;
 * ``cost_half_labels_only``: the same number of updates from half the labelled batches (500 batches,
   eight updates on each): whether labels or updates limit the distillation;
+* ``cost_quick8_only`` and ``cost_quick16_only``: sized for the quickstart's time budget (about five
+  minutes of distillation on 2 cores): 250 labelled batches with eight updates on each, or 170 with
+  sixteen;
 * ``cost_target_ppo``: the ``cost_target_only`` warm start, then PPO jointly with the reconstructor;
 * ``cost_calibrated_ppo``: PPO from the ``cost_target_only`` policy with rate-calibrated logits (each
   window's logits shifted so that the expected drops meet the target, ``rate_calibrated``): the same
@@ -53,8 +56,9 @@ each variant's bits per dropped token, mean ± standard deviation over the seeds
 to each baseline on the same windows (per-window figures averaged over the seeds, then a 95 % bootstrap
 interval over documents: :mod:`tokencompress_env.evaluation`).
 
-The base config defaults to the quickstart's (``configs/dev/small_scale.json``), so ``distill_ppo`` is
-the quickstart's configuration. The variants of :data:`SHARED_DISTILLATION` continue the finished
+The base config defaults to ``configs/dev/small_scale.json``, the earlier quickstart's, so ``distill_ppo``
+is the earlier quickstart's configuration; the quickstart's own (``configs/dev/quickstart.json``) is that
+base with the keys of ``cost_quick8_only`` (a test keeps the two equal). The variants of :data:`SHARED_DISTILLATION` continue the finished
 distillation-only run of their seed that it names (``distill_ppo`` continues ``distill_only``), those of
 :data:`INIT_FROM_DISTILLATION` start from that run's policy (``init_policy``; token_ppo's per-token
 critic starts fresh), and every other variant distils its own policy.
@@ -111,6 +115,20 @@ VARIANTS: dict[str, dict[str, Any]] = {
         "distill_lr": 2e-3,
         "distill_updates_per_batch": 8,
         "distill_steps": 500,
+    },
+    "cost_quick8_only": {
+        "total_timesteps": 0,
+        "distill_target": "cost",
+        "distill_lr": 2e-3,
+        "distill_updates_per_batch": 8,
+        "distill_steps": 250,
+    },
+    "cost_quick16_only": {
+        "total_timesteps": 0,
+        "distill_target": "cost",
+        "distill_lr": 2e-3,
+        "distill_updates_per_batch": 16,
+        "distill_steps": 170,
     },
     "cost_target_ppo": {"distill_target": "cost"},
     "cost_calibrated_ppo": {"distill_steps": 0, "rate_calibrated": True},

@@ -18,6 +18,7 @@ CONFIGS = Path(__file__).resolve().parents[1] / "experiments" / "configs"
 OWNER = {
     "dev/debug.json": TrainConfig,
     "dev/small_scale.json": TrainConfig,
+    "dev/quickstart.json": TrainConfig,
     "dev/quick_eval.json": EvaluateConfig,
     "dev/sample_data.json": PrepareDataConfig,
     "prod/standard.json": TrainConfig,
