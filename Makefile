@@ -19,7 +19,7 @@ $(STAMP): setup.cfg pyproject.toml
 
 install: $(STAMP)  ## create the virtual environment and install the package with test/dev extras
 
-quickstart: $(STAMP)  ## the main job on the embedded default: data, reconstructor, PPO, evaluation
+quickstart: $(STAMP)  ## the main job on the embedded default: reconstructor, agent, evaluation
 	$(PY) -m experiments.quickstart
 
 test: $(STAMP)  ## the whole test suite
