@@ -26,9 +26,9 @@ Each *variant* is the base training config with a few keys changed (:data:`VARIA
   forward pass costs several times an update;
 * ``cost_half_labels_only``: the same number of updates from half the labelled batches (500 batches,
   eight updates on each): whether labels or updates limit the distillation;
-* ``cost_quick8_only`` and ``cost_quick16_only``: sized for the quickstart's time budget (about five
+* ``cost_quick8_only`` and ``cost_quick16_only``: sized for the quickstart's time budget (5 to 6
   minutes of distillation on 2 cores): 250 labelled batches with eight updates on each, or 170 with
-  sixteen;
+  sixteen; ``cost_quick8_only`` is the quickstart's;
 * ``cost_target_ppo``: the ``cost_target_only`` warm start, then PPO jointly with the reconstructor;
 * ``cost_calibrated_ppo``: PPO from the ``cost_target_only`` policy with rate-calibrated logits (each
   window's logits shifted so that the expected drops meet the target, ``rate_calibrated``): the same
@@ -58,10 +58,11 @@ interval over documents: :mod:`tokencompress_env.evaluation`).
 
 The base config defaults to ``configs/dev/small_scale.json``, the earlier quickstart's, so ``distill_ppo``
 is the earlier quickstart's configuration; the quickstart's own (``configs/dev/quickstart.json``) is that
-base with the keys of ``cost_quick8_only`` (a test keeps the two equal). The variants of :data:`SHARED_DISTILLATION` continue the finished
-distillation-only run of their seed that it names (``distill_ppo`` continues ``distill_only``), those of
-:data:`INIT_FROM_DISTILLATION` start from that run's policy (``init_policy``; token_ppo's per-token
-critic starts fresh), and every other variant distils its own policy.
+base with the keys of ``cost_quick8_only`` (a test keeps the two equal). The variants of
+:data:`SHARED_DISTILLATION` continue the finished distillation-only run of their seed that it names
+(``distill_ppo`` continues ``distill_only``), those of :data:`INIT_FROM_DISTILLATION` start from that
+run's policy (``init_policy``; token_ppo's per-token critic starts fresh), and every other variant
+distils its own policy.
 
 Examples::
 

@@ -2,11 +2,12 @@
 
 1. the ``tiny`` reconstructor: built and cached on first use (BPE tokenizer + small GPT-2 pretrained on
    the embedded corpus under random masks), reused afterwards;
-2. the agent, as ``--train_config`` says (``experiments/configs/dev/quickstart.json``: distilled from
-   the reconstructor's per-token surprisal, no RL, the recipe chosen on the validation split within the
-   time budget; ``configs/dev/small_scale.json``, the earlier quickstart's, distils and then trains PPO
-   jointly with the reconstructor) into
-   ``runs/quickstart``; a finished run is reused and an interrupted one resumed;
+2. the agent, as ``--train_config`` says, into ``runs/quickstart``: by default
+   ``experiments/configs/dev/quickstart.json``, distilled from the reconstructor's per-token surprisal
+   with no RL (the recipe chosen on the validation split within the time budget);
+   ``configs/dev/small_scale.json``, the earlier quickstart's, distils and then trains PPO jointly with
+   the reconstructor. A finished run is reused, an interrupted one resumed, and one of another config
+   refused;
 3. evaluation on the held-out test split (documents never trained on): the policy against the
    baselines at matched mask rates, scored by the frozen reference reconstructor (and by the jointly
    trained one when RL fine-tuned it);
