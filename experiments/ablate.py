@@ -95,6 +95,8 @@ ROOT = Path(__file__).resolve().parent
 
 #: The fast policy's network: four depthwise-separable blocks of kernel 7 (the default's 49-token field), ReLU heads.
 FAST_POLICY: dict[str, Any] = {"separable_conv": True, "conv_kernel_size": 7, "conv_dilations": [1, 2, 4, 1], "activation_fn": "relu"}
+#: The cost-target distillation at twice the default learning rate, no RL: the base of the update/label variants.
+COST_HIGH_LR: dict[str, Any] = {"total_timesteps": 0, "distill_target": "cost", "distill_lr": 2e-3}
 #: Variant name -> the training keys it changes.
 VARIANTS: dict[str, dict[str, Any]] = {
     "distill_only": {"total_timesteps": 0},
@@ -108,29 +110,11 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "cost_fast_ngram_only": {"total_timesteps": 0, "distill_target": "cost", **FAST_POLICY, "embed_kernel_size": 5},
     "cost_ngram_only": {"total_timesteps": 0, "distill_target": "cost", "embed_kernel_size": 5},
     "cost_cosine_only": {"total_timesteps": 0, "distill_target": "cost", "distill_lr_schedule": "cosine"},
-    "cost_high_lr_only": {"total_timesteps": 0, "distill_target": "cost", "distill_lr": 2e-3},
-    "cost_replay_only": {"total_timesteps": 0, "distill_target": "cost", "distill_lr": 2e-3, "distill_updates_per_batch": 4},
-    "cost_half_labels_only": {
-        "total_timesteps": 0,
-        "distill_target": "cost",
-        "distill_lr": 2e-3,
-        "distill_updates_per_batch": 8,
-        "distill_steps": 500,
-    },
-    "cost_quick8_only": {
-        "total_timesteps": 0,
-        "distill_target": "cost",
-        "distill_lr": 2e-3,
-        "distill_updates_per_batch": 8,
-        "distill_steps": 250,
-    },
-    "cost_quick16_only": {
-        "total_timesteps": 0,
-        "distill_target": "cost",
-        "distill_lr": 2e-3,
-        "distill_updates_per_batch": 16,
-        "distill_steps": 170,
-    },
+    "cost_high_lr_only": {**COST_HIGH_LR},
+    "cost_replay_only": {**COST_HIGH_LR, "distill_updates_per_batch": 4},
+    "cost_half_labels_only": {**COST_HIGH_LR, "distill_updates_per_batch": 8, "distill_steps": 500},
+    "cost_quick8_only": {**COST_HIGH_LR, "distill_updates_per_batch": 8, "distill_steps": 250},
+    "cost_quick16_only": {**COST_HIGH_LR, "distill_updates_per_batch": 16, "distill_steps": 170},
     "cost_target_ppo": {"distill_target": "cost"},
     "cost_calibrated_ppo": {"distill_steps": 0, "rate_calibrated": True},
     "distill_calibrated_ppo": {"distill_steps": 0, "rate_calibrated": True},
